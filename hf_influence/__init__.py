@@ -1,0 +1,18 @@
+"""hf_influence: influence functions for Hugging Face Transformers."""
+
+from .engine.ihvp.arnoldi import ArnoldiBasis
+from .engine.ihvp.lissa import LissaConfig
+from .influence import Influence, Method
+from .tasks import CausalLMTask, Seq2SeqTask, SequenceClassificationTask, Task
+
+__all__ = [
+    "ArnoldiBasis",
+    "CausalLMTask",
+    "Influence",
+    "LissaConfig",
+    "Method",
+    "Seq2SeqTask",
+    "SequenceClassificationTask",
+    "Task",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,44 @@
+"""Atomic file writes: a temporary file in the target folder, then a rename."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write ``tensors`` as safetensors with ``metadata`` stored as one JSON string, atomically."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={"hf_influence": json.dumps(metadata)})
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a file written by :func:`save_tensors`: the tensors and the metadata dict."""
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("hf_influence")
+    if raw is None:
+        raise ValueError(f"{path} was not written by hf_influence (no 'hf_influence' metadata).")
+    return load_file(str(path)), json.loads(raw)

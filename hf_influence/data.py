@@ -1,0 +1,116 @@
+"""Batches from a tokenized ``datasets.Dataset`` or a ``DataLoader``, and per-example mask helpers."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from ._utils.errors import InvalidInputError
+
+Batch = dict[str, torch.Tensor]
+_PAD_WITH_ZERO = ("attention_mask", "decoder_attention_mask", "token_type_ids", "special_tokens_mask")
+
+
+class PaddingCollator:
+    """Pad the numeric columns of dataset rows into a batch; string columns are dropped.
+
+    ``input_ids``/``decoder_input_ids`` pad with ``pad_token_id``, masks and token types with 0,
+    sequence ``labels`` with -100 (ignored by the loss). Padding is on the right.
+    """
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> Batch:
+        columns = [k for k, v in rows[0].items() if _is_numeric(v)]
+        return {key: self._stack(key, [row[key] for row in rows]) for key in columns}
+
+    def _stack(self, key: str, values: list[Any]) -> torch.Tensor:
+        tensors = [torch.as_tensor(v) for v in values]
+        if tensors[0].dim() == 0:
+            return torch.stack(tensors)
+        fill = -100 if key == "labels" else 0 if key in _PAD_WITH_ZERO else self.pad_token_id
+        return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=fill)
+
+
+def _is_numeric(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, (list, tuple)):
+        return len(value) == 0 or isinstance(value[0], (int, float, bool))
+    return isinstance(value, (int, float, bool))
+
+
+def make_loader(data: Any, batch_size: int, pad_token_id: int = 0) -> DataLoader:
+    """A ``DataLoader`` over ``data`` in its original order (a ``DataLoader`` is returned as is)."""
+    if isinstance(data, DataLoader):
+        return data
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise InvalidInputError(
+            f"Expected a tokenized datasets.Dataset or a torch DataLoader, got {type(data).__name__}."
+        )
+    if len(data) == 0:
+        raise InvalidInputError("The dataset is empty: influence needs at least one example.")
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=PaddingCollator(pad_token_id))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def batch_size_of(batch: Batch) -> int:
+    return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def additive_mask(attention_mask: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """Turn a ``[B, T]`` 0/1 padding mask into a 4-D additive float mask.
+
+    ``kind="bidirectional"`` gives ``[B, 1, 1, T]``; ``"causal"`` gives ``[B, 1, T, T]`` that also
+    hides future tokens. HF models accept 4-D masks as they are, which lets ``vmap`` run (the 2-D
+    path inspects mask values in Python, which ``vmap`` cannot trace).
+    """
+    allowed = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    if kind == "causal":
+        length = attention_mask.shape[-1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+        allowed = allowed & causal[None, None]  # [B, 1, T, T]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+class RandomBatches:
+    """An endless stream of random minibatches (for stochastic Hessians), seeded.
+
+    From a ``Dataset``: ``batch_size`` indices drawn without replacement each time. From a
+    ``DataLoader``: its batches in turn, cycling (its own batch size and order apply).
+    """
+
+    def __init__(self, data: Any, batch_size: int, pad_token_id: int, generator: torch.Generator):
+        self.data, self.batch_size, self.generator = data, batch_size, generator
+        self.collate = PaddingCollator(pad_token_id)
+        self._cycle: Iterator[Batch] | None = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if isinstance(self.data, DataLoader):
+            return self._next_from_loader()
+        size = min(self.batch_size, len(self.data))
+        idx = torch.randperm(len(self.data), generator=self.generator)[:size].tolist()
+        return self.collate([self.data[i] for i in idx])
+
+    def _next_from_loader(self) -> Batch:
+        if self._cycle is None:
+            self._cycle = iter(self.data)
+        try:
+            return next(self._cycle)
+        except StopIteration:
+            self._cycle = iter(self.data)
+            return next(self._cycle)

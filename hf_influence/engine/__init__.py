@@ -1,0 +1,1 @@
+"""Numerical core: per-example gradients, HVPs, inverse-HVP solvers, projections and scores."""

@@ -1,0 +1,145 @@
+"""Per-example losses and gradients over a parameter selection, with ``torch.func``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers.utils import logging
+
+from ..data import Batch, additive_mask, batch_size_of, slice_batch
+from ..params import ParamSelection
+from .._utils.errors import NonFiniteError
+
+logger = logging.get_logger(__name__)
+Params = dict[str, torch.Tensor]
+
+
+class _TaskModule(nn.Module):
+    """Wraps model + task so that ``functional_call`` can swap the selected parameters."""
+
+    def __init__(self, model: nn.Module, task: Any, measurement: bool):
+        super().__init__()
+        self.model, self.task = model, task
+        self.fn = getattr(task, "per_example_measurement", None) if measurement else None
+        self.fn = self.fn or task.per_example_loss
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.fn(self.model, batch)
+
+
+class LossFunction:
+    """Per-example loss ``(params, batch) -> Tensor[B]`` as a pure function of the selected params.
+
+    Args:
+        model (`nn.Module`): the model; parameters outside ``selection`` stay fixed.
+        task: object with ``per_example_loss(model, batch)``.
+        selection (`ParamSelection`): parameters to differentiate.
+        measurement (`bool`, defaults to `False`): use the task's test-side measurement if it has one.
+    """
+
+    def __init__(self, model: nn.Module, task: Any, selection: ParamSelection, measurement: bool = False):
+        self.module = _TaskModule(model, task, measurement)
+        self.selection = selection
+        self.mask_kind = getattr(task, "mask_kind", None)
+        self.vmap_ok: bool | None = None  # learnt on first use: can this model run under vmap?
+
+    def __call__(self, params: Params, batch: Batch) -> torch.Tensor:
+        renamed = {f"model.{k}": v for k, v in params.items()}
+        with sdpa_kernel(SDPBackend.MATH):  # forward-mode AD and double backward need the math kernel
+            losses = functional_call(self.module, renamed, (batch,), strict=False)
+        return losses.reshape(-1)
+
+    def mean(self, params: Params, batch: Batch) -> torch.Tensor:
+        return self(params, batch).mean()
+
+    def single(self, params: Params, example: Batch) -> torch.Tensor:
+        """Loss of one example given without its batch dimension (for ``vmap``)."""
+        return self(params, {k: v.unsqueeze(0) for k, v in example.items()})[0]
+
+    def vmappable(self, batch: Batch, dtype: torch.dtype) -> Batch:
+        """Replace a 2-D padding mask by the 4-D additive mask vmap can trace."""
+        mask = batch.get("attention_mask")
+        if mask is None or mask.dim() != 2 or self.mask_kind is None:
+            return batch
+        return {**batch, "attention_mask": additive_mask(mask, self.mask_kind, dtype)}
+
+
+def accumulation_dtype(params: Params) -> torch.dtype:
+    """fp32 for half/bf16/fp32 models, fp64 for fp64 models."""
+    dtype = next(iter(params.values())).dtype
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_finite(tensor: torch.Tensor, what: str, where: str) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(
+            f"NaN/Inf in {what} ({where}). Check the inputs of that batch (labels, lengths) and the model "
+            "weights; in half precision, compute influence in float32."
+        )
+    return tensor
+
+
+def per_example_grads(
+    loss_fn: LossFunction, params: Params, batch: Batch, chunk_size: int | None = None, mode: str = "auto"
+) -> torch.Tensor:
+    """Flattened gradient of each example's loss: ``[B, P]``, fp32 (fp64 for fp64 models).
+
+    ``mode="vmap"`` vectorises over examples (chunks of ``chunk_size``), ``"loop"`` runs one
+    backward per example, ``"auto"`` tries vmap and falls back to the loop if the model cannot
+    be traced (both give the same numbers).
+    """
+    if mode == "auto":
+        mode = "loop" if loss_fn.vmap_ok is False else "vmap"
+    if mode == "vmap":
+        try:
+            grads = _vmap_grads(loss_fn, params, batch, chunk_size)
+            loss_fn.vmap_ok = True
+            return grads
+        except RuntimeError as err:
+            if loss_fn.vmap_ok is not None or "vmap" not in str(err):
+                raise
+            loss_fn.vmap_ok = False
+            logger.warning(f"Per-example gradients: vmap cannot trace this model ({str(err)[:120]}...); using a loop.")
+    return _loop_grads(loss_fn, params, batch)
+
+
+def _vmap_grads(loss_fn: LossFunction, params: Params, batch: Batch, chunk_size: int | None) -> torch.Tensor:
+    dtype = accumulation_dtype(params)
+    traced = loss_fn.vmappable(batch, next(iter(params.values())).dtype)
+    grads = vmap(grad(loss_fn.single), in_dims=(None, 0), chunk_size=chunk_size)(params, traced)
+    return loss_fn.selection.flatten(grads, batch_dims=1).to(dtype)
+
+
+def _loop_grads(loss_fn: LossFunction, params: Params, batch: Batch) -> torch.Tensor:
+    dtype = accumulation_dtype(params)
+    rows = []
+    for i in range(batch_size_of(batch)):
+        g = grad(loss_fn.mean)(params, slice_batch(batch, i, i + 1))
+        rows.append(loss_fn.selection.flatten(g).to(dtype))
+    return torch.stack(rows)
+
+
+def mean_grad(loss_fn: LossFunction, params: Params, batch: Batch) -> torch.Tensor:
+    """Flattened gradient of the batch's mean loss: ``[P]``."""
+    g = grad(loss_fn.mean)(params, batch)
+    return loss_fn.selection.flatten(g).to(accumulation_dtype(params))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode (no dropout) and no autograd graph for unselected parameters; restores the mode.
+
+    ``torch.func`` transforms ignore an outer ``no_grad``, so derivatives wrt the selection still flow.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)

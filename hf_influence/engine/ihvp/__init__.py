@@ -1,0 +1,1 @@
+"""Inverse-Hessian-vector-product solvers: exact, LiSSA, Arnoldi."""

@@ -1,0 +1,157 @@
+"""Arnoldi eigenbasis of the Hessian (Schioppa et al. 2022, "Scaling Up Influence Functions", Alg. 1-2).
+
+``iterations`` HVPs build an orthonormal Krylov basis with full re-orthogonalisation; the small
+projected matrix is diagonalised and distilled to the ``rank`` eigenpairs of largest |λ|. Scores
+in that basis use ``Σ_i (u_i·g_x)(u_i·g_z) / (λ_i + damping)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..._utils.errors import IncompatibleBasisError
+from ..._utils.io import load_tensors, save_tensors
+from .base import check_damping
+
+BASIS_FILE = "arnoldi_basis.safetensors"
+
+
+def arnoldi_iteration(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    iterations: int,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Krylov basis ``Q`` ``[m+1, P]`` and Hessenberg matrix ``[m+1, m]`` (``m <= iterations``).
+
+    ``hvp(V)`` maps ``[P, 1] -> [P, 1]``. Stops early, with ``m < iterations``, when the Krylov
+    space is invariant (the next residual vanishes).
+    """
+    basis = [start / start.norm()]
+    hessenberg = torch.zeros(iterations + 1, iterations, dtype=start.dtype, device=start.device)
+    for k in tqdm(range(iterations), desc="Arnoldi", disable=not progress):
+        w = hvp(basis[k][:, None])[:, 0]
+        stacked = torch.stack(basis)  # [k+1, P]
+        for _ in range(2):  # classical Gram-Schmidt, twice: full re-orthogonalisation
+            coeffs = stacked @ w
+            w = w - stacked.T @ coeffs
+            hessenberg[: k + 1, k] += coeffs
+        residual = w.norm()
+        hessenberg[k + 1, k] = residual
+        if residual <= 1e-10 * hessenberg[: k + 1, k].norm().clamp_min(1e-30):
+            return stacked, hessenberg[: k + 2, : k + 1]
+        basis.append(w / residual)
+    return torch.stack(basis), hessenberg
+
+
+def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenpairs by |λ|: eigenvalues ``[rank]``, unit eigenvectors ``[rank, P]``."""
+    m = hessenberg.shape[1]
+    if rank > m:
+        raise ValueError(f"rank={rank} exceeds the {m} Arnoldi iterations completed; lower rank or raise iterations.")
+    square = hessenberg[:m, :m].double()
+    eigenvalues, eigenvectors = torch.linalg.eigh((square + square.T) / 2)
+    order = eigenvalues.abs().argsort(descending=True)[:rank]
+    vectors = eigenvectors[:, order].T.to(basis.dtype) @ basis[:m]  # [rank, P]
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    return eigenvalues[order].to(basis.dtype), vectors
+
+
+@dataclass
+class ArnoldiBasis:
+    """Top eigenpairs of the Hessian over a parameter selection, tied to one model's weights.
+
+    Attributes:
+        eigenvalues (`torch.Tensor` of shape `[p̄]`): λ_i, ordered by decreasing |λ|.
+        eigenvectors (`torch.Tensor` of shape `[p̄, P]`): orthonormal u_i in ``named_parameters()`` order.
+        param_names (`list[str]`), param_shapes (`list[list[int]]`): the parameter selection.
+        damping (`float`): additive λ used in scores.
+        iterations (`int`): Arnoldi iterations run.
+        fingerprint (`str`): hash of the selected weights (see ``ParamSelection.fingerprint``).
+        model_class (`str`): class name of the model it was fitted on.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    param_names: list[str]
+    param_shapes: list[list[int]]
+    damping: float
+    iterations: int
+    fingerprint: str
+    model_class: str
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+    def inverse_eigenvalues(self) -> torch.Tensor:
+        """``1 / (λ_i + damping)``, ``[p̄]``."""
+        return 1.0 / (self.eigenvalues + check_damping(self.damping))
+
+    def metadata(self) -> dict:
+        keys = ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class")
+        return {"kind": "arnoldi_basis", "rank": self.rank, **{k: getattr(self, k) for k in keys}}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write to ``path`` (a folder: ``path/arnoldi_basis.safetensors``; or a ``.safetensors`` file)."""
+        return save_basis(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ArnoldiBasis":
+        """Read a basis written by :meth:`save`."""
+        return load_basis(path)
+
+    def check_compatible(self, param_names: list[str], param_shapes: list[list[int]], fingerprint: str, model_class: str) -> None:
+        """Refuse use with another model or parameter selection, showing saved vs requested."""
+        problems = []
+        if list(param_names) != list(self.param_names) or [list(s) for s in param_shapes] != self.param_shapes:
+            problems.append(
+                f"parameter selection: saved {len(self.param_names)} tensors ({_short(self.param_names)}), "
+                f"requested {len(param_names)} ({_short(param_names)})"
+            )
+        elif fingerprint != self.fingerprint:
+            problems.append(f"model weights: saved fingerprint {self.fingerprint[:12]}…, this model {fingerprint[:12]}…")
+        if model_class != self.model_class:
+            problems.append(f"model class: saved {self.model_class}, requested {model_class}")
+        if problems:
+            raise IncompatibleBasisError(
+                "This Arnoldi basis was fitted on a different model: " + "; ".join(problems) + ". Fit a new basis "
+                "with Influence.fit_arnoldi(...) on this model, or load the model the basis was fitted on."
+            )
+
+
+def _short(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+
+def basis_save_path(path: str | os.PathLike) -> Path:
+    """``path`` itself if it names a ``.safetensors`` file, else ``path/arnoldi_basis.safetensors``."""
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path / BASIS_FILE
+
+
+def basis_exists(path: str | os.PathLike) -> bool:
+    return basis_save_path(path).is_file()
+
+
+def save_basis(basis: ArnoldiBasis, path: str | os.PathLike) -> Path:
+    target = basis_save_path(path)
+    save_tensors(target, {"eigenvalues": basis.eigenvalues, "eigenvectors": basis.eigenvectors}, basis.metadata())
+    return target
+
+
+def load_basis(path: str | os.PathLike) -> ArnoldiBasis:
+    target = basis_save_path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"No Arnoldi basis at {target}. Fit one with Influence.fit_arnoldi(...).save(path).")
+    tensors, meta = load_tensors(target)
+    if meta.get("kind") != "arnoldi_basis":
+        raise IncompatibleBasisError(f"{target} holds a {meta.get('kind')!r}, not an Arnoldi basis.")
+    fields = {k: meta[k] for k in ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class")}
+    return ArnoldiBasis(tensors["eigenvalues"], tensors["eigenvectors"], **fields)

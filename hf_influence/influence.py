@@ -1,0 +1,248 @@
+"""The ``Influence`` facade: picks parameters and task, wires data to the engine. Holds no math."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers.utils import logging
+
+from ._utils.errors import InvalidInputError
+from .data import RandomBatches, make_loader, to_device
+from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
+from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
+from .engine.ihvp.arnoldi import ArnoldiBasis, arnoldi_iteration, distill
+from .engine.ihvp.base import Preconditioner, check_damping
+from .engine.ihvp.exact import ExactInverse
+from .engine.ihvp.lissa import LissaConfig, LissaInverse
+from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
+from .engine.scoring import (
+    DiagonalInverse,
+    FeatureFn,
+    SubspaceInverse,
+    collect_features,
+    identity,
+    pairwise_scores,
+    random_subspace,
+    self_scores,
+)
+from .params import select_parameters
+from .tasks import Task, infer_task
+
+logger = logging.get_logger(__name__)
+
+
+class Method(str, Enum):
+    """Scoring methods; ``"arnoldi"`` and ``Method.ARNOLDI`` are interchangeable."""
+
+    EXACT = "exact"
+    LISSA = "lissa"
+    ARNOLDI = "arnoldi"
+    TRACIN = "tracin"
+    RANDPROJ = "randproj"
+
+
+class Influence:
+    """Influence functions over a selection of a model's parameters.
+
+    Scores are ``g_testᵀ (H + λI)^-1 g_train`` where ``H`` is the Hessian of the mean training
+    loss and ``g`` are per-example loss gradients (losses summed over a sequence's target tokens).
+    Positive means the training example helps the test example; Koh & Liang's ``I_up,loss`` is
+    the negative.
+
+    Args:
+        model (`nn.Module`): a HF model (or any module the ``task`` understands). Scored in eval mode.
+        task (`Task`, *optional*): ``per_example_loss(model, batch) -> Tensor[B]``; inferred from the
+            model class when ``None``.
+        params (`list[str]`, *optional*): name regexes selecting parameters; ``None`` = all trainable.
+        last_n_layers (`int`, *optional*): select the last k transformer layers + head instead.
+        damping (`float`, defaults to `1e-3`): additive λ, one convention for every method.
+        batch_size (`int`, defaults to `8`): batch size used when data is a ``Dataset``.
+        seed (`int`, defaults to `0`): seeds Arnoldi start vectors and random projections.
+        projection (`str`, defaults to `"auto"`): ``"jvp"``, ``"grads"`` or ``"auto"`` (cheaper one).
+        memory_budget_gb (`float`, defaults to `2.0`): bound on per-example gradient memory.
+        progress (`bool`, defaults to `True`): show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task | None = None,
+        params: Sequence[str] | str | None = None,
+        last_n_layers: int | None = None,
+        damping: float = 1e-3,
+        batch_size: int = 8,
+        seed: int = 0,
+        projection: str = "auto",
+        memory_budget_gb: float = 2.0,
+        progress: bool = True,
+    ):
+        if projection not in ("auto", "jvp", "grads"):
+            raise ValueError(f"projection must be 'auto', 'jvp' or 'grads', got {projection!r}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        self.model = model
+        self.task = task if task is not None else infer_task(model)
+        if not callable(getattr(self.task, "per_example_loss", None)):
+            raise TypeError(f"task must have a per_example_loss(model, batch) method; got {type(self.task).__name__}.")
+        self.selection = select_parameters(model, params, last_n_layers)
+        self.damping = check_damping(damping)
+        self.batch_size, self.seed, self.projection, self.progress = batch_size, seed, projection, progress
+        self.memory_budget = memory_budget_gb * 2**30
+        self.train_loss = LossFunction(model, self.task, self.selection)
+        self.test_loss = LossFunction(model, self.task, self.selection, measurement=True)
+
+    # ----------------------------------------------------------------- public surface
+    def fit_arnoldi(self, hessian_data: Any, rank: int = 20, iterations: int = 100, seed: int | None = None) -> ArnoldiBasis:
+        """Fit the top-``rank`` Hessian eigenpairs with ``iterations`` Arnoldi steps (one HVP pass each)."""
+        if not 1 <= rank <= iterations:
+            raise ValueError(f"Need 1 <= rank <= iterations, got rank={rank}, iterations={iterations}: raise iterations.")
+        batches = self._materialize(hessian_data)
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        params = self._params()
+        start = torch.randn(self.selection.num_params, generator=generator, dtype=torch.float64)
+        start = start.to(device=self._device(), dtype=accumulation_dtype(params))
+        with eval_mode(self.model):
+            krylov, hessenberg = arnoldi_iteration(
+                lambda v: dataset_hvp(self.train_loss, params, batches, v), start, iterations, self.progress
+            )
+        eigenvalues, eigenvectors = distill(krylov, hessenberg, rank)
+        description = self.selection.describe()
+        return ArnoldiBasis(
+            eigenvalues.cpu(), eigenvectors.cpu(), description["names"], description["shapes"], self.damping,
+            int(hessenberg.shape[1]), self.selection.fingerprint(self.model), type(self.model).__name__,
+        )
+
+    def scores(
+        self,
+        test_data: Any,
+        train_data: Any,
+        method: str | Method = Method.ARNOLDI,
+        basis: ArnoldiBasis | None = None,
+        hessian_data: Any = None,
+        lissa: LissaConfig | None = None,
+        rank: int = 20,
+    ) -> torch.Tensor:
+        """Influence of each training example on each test example: ``[n_test, n_train]``, fp32 (fp64 model: fp64).
+
+        ``hessian_data`` defaults to ``train_data``. ``basis`` is used by ``"arnoldi"`` (fitted on
+        ``hessian_data`` when not given); ``lissa`` configures ``"lissa"``; ``rank`` sizes ``"randproj"``.
+        """
+        method = Method(method)
+        precondition, train_fn, test_fn = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
+        with eval_mode(self.model):
+            test_features = collect_features(test_fn, make_loader(test_data, self.batch_size, self._pad_id()), self._device(), "test features", self.progress)
+            return pairwise_scores(precondition(test_features), train_fn, self._loader(train_data), self._device(), self.progress)
+
+    def self_influence(
+        self,
+        train_data: Any,
+        method: str | Method = Method.ARNOLDI,
+        basis: ArnoldiBasis | None = None,
+        hessian_data: Any = None,
+        lissa: LissaConfig | None = None,
+        rank: int = 20,
+    ) -> torch.Tensor:
+        """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
+        method = Method(method)
+        precondition, train_fn, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
+        with eval_mode(self.model):
+            return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress)
+
+    def s_test(self, test_data: Any, hessian_data: Any, lissa: LissaConfig | None = None) -> torch.Tensor:
+        """``(H + λI)^-1 ∇L(z_test)`` by LiSSA for each test example: ``[n_test, P]`` (``named_parameters()`` order)."""
+        precondition = self._lissa(hessian_data, lissa or LissaConfig())
+        with eval_mode(self.model):
+            test_grads = collect_features(self._grad_fn(self.test_loss), self._loader(test_data), self._device(), "test gradients", self.progress)
+            return precondition(test_grads)
+
+    def exact_hessian(self, hessian_data: Any) -> torch.Tensor:
+        """The explicit ``[P, P]`` Hessian of the mean loss (small parameter sets only)."""
+        with eval_mode(self.model):
+            return explicit_hessian(self.train_loss, self._params(), self._materialize(hessian_data), progress=self.progress)
+
+    # ----------------------------------------------------------------- wiring
+    def _method_parts(self, method, train_data, hessian_data, basis, lissa, rank) -> tuple[Preconditioner, FeatureFn, FeatureFn]:
+        hessian_data = train_data if hessian_data is None else hessian_data
+        if method is Method.TRACIN:
+            return identity, self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
+        if method is Method.EXACT:
+            return ExactInverse(self.exact_hessian(hessian_data), self.damping), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
+        if method is Method.LISSA:
+            return self._lissa(hessian_data, lissa or LissaConfig()), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
+        if method is Method.ARNOLDI:
+            basis = basis if basis is not None else self._fit_default_basis(hessian_data, rank)
+            self._check_basis(basis)
+            directions = basis.eigenvectors.to(self._device())
+            return DiagonalInverse(basis.inverse_eigenvalues().to(self._device())), self._projection_fn(self.train_loss, directions), self._projection_fn(self.test_loss, directions)
+        directions = self._random_directions(rank)
+        return self._subspace_inverse(hessian_data, directions), self._projection_fn(self.train_loss, directions), self._projection_fn(self.test_loss, directions)
+
+    def _fit_default_basis(self, hessian_data: Any, rank: int) -> ArnoldiBasis:
+        iterations = max(2 * rank, rank + 20)
+        logger.info(f"No basis given: fitting Arnoldi (rank={rank}, iterations={iterations}) on the Hessian data.")
+        return self.fit_arnoldi(hessian_data, rank=rank, iterations=iterations)
+
+    def _check_basis(self, basis: ArnoldiBasis) -> None:
+        described = self.selection.describe()
+        basis.check_compatible(described["names"], described["shapes"], self.selection.fingerprint(self.model), type(self.model).__name__)
+
+    def _random_directions(self, rank: int) -> torch.Tensor:
+        if not 1 <= rank <= self.selection.num_params:
+            raise ValueError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
+        generator = torch.Generator().manual_seed(self.seed)
+        return random_subspace(self.selection.num_params, rank, generator, accumulation_dtype(self._params())).to(self._device())
+
+    def _subspace_inverse(self, hessian_data: Any, directions: torch.Tensor) -> SubspaceInverse:
+        params = self._params()
+        with eval_mode(self.model):
+            h_q = dataset_hvp(self.train_loss, params, self._materialize(hessian_data), directions.T)  # [P, p̄]
+        return SubspaceInverse(directions @ h_q, self.damping)
+
+    def _lissa(self, hessian_data: Any, config: LissaConfig) -> LissaInverse:
+        damping = self.damping if config.damping is None else config.damping
+        generator = torch.Generator().manual_seed(config.seed)
+        stream = RandomBatches(hessian_data, config.batch_size, self._pad_id(), generator)
+        params, device = self._params(), self._device()
+
+        def sample_hvp(vectors: torch.Tensor) -> torch.Tensor:
+            with eval_mode(self.model):
+                return batch_hvp(self.train_loss, params, to_device(next(stream), device), vectors)
+
+        return LissaInverse(sample_hvp, config, damping, self.progress)
+
+    def _grad_fn(self, loss_fn: LossFunction) -> FeatureFn:
+        params = self._params()
+        chunk = grads_chunk_size(self.selection.num_params, self.batch_size, self.memory_budget)
+        return lambda batch: per_example_grads(loss_fn, params, batch, chunk_size=chunk)
+
+    def _projection_fn(self, loss_fn: LossFunction, directions: torch.Tensor) -> FeatureFn:
+        params, num, rank = self._params(), self.selection.num_params, directions.shape[0]
+        mode = self.projection if self.projection != "auto" else choose_projection(num, rank, self.batch_size, self.memory_budget)
+        if mode == "jvp":
+            return lambda batch: project_by_jvp(loss_fn, params, batch, directions)
+        chunk = grads_chunk_size(num, self.batch_size, self.memory_budget)
+        return lambda batch: project_by_grads(loss_fn, params, batch, directions, chunk_size=chunk)
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return self.selection.tensors(self.model)
+
+    def _device(self) -> torch.device:
+        return next(iter(self._params().values())).device
+
+    def _pad_id(self) -> int:
+        pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def _loader(self, data: Any) -> DataLoader:
+        return make_loader(data, self.batch_size, self._pad_id())
+
+    def _materialize(self, data: Any) -> list:
+        """All batches of ``data`` on the model's device (Hessian data is reused many times)."""
+        batches = [to_device(b, self._device()) for b in self._loader(data)]
+        if not batches:
+            raise InvalidInputError("The Hessian data is empty: pass at least one training example.")
+        return batches
