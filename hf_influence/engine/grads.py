@@ -93,6 +93,14 @@ def per_example_grads(
     backward per example, ``"auto"`` tries vmap and falls back to the loop if the model cannot
     be traced (both give the same numbers).
     """
+    grads = per_example_grad_tensors(loss_fn, params, batch, chunk_size, mode)
+    return loss_fn.selection.flatten(grads, batch_dims=1).to(accumulation_dtype(params))
+
+
+def per_example_grad_tensors(
+    loss_fn: LossFunction, params: Params, batch: Batch, chunk_size: int | None = None, mode: str = "auto"
+) -> Params:
+    """Per-example gradients by parameter name, each ``[B, *shape]`` (see :func:`per_example_grads`)."""
     if mode == "auto":
         mode = "loop" if loss_fn.vmap_ok is False else "vmap"
     if mode == "vmap":
@@ -108,20 +116,14 @@ def per_example_grads(
     return _loop_grads(loss_fn, params, batch)
 
 
-def _vmap_grads(loss_fn: LossFunction, params: Params, batch: Batch, chunk_size: int | None) -> torch.Tensor:
-    dtype = accumulation_dtype(params)
+def _vmap_grads(loss_fn: LossFunction, params: Params, batch: Batch, chunk_size: int | None) -> Params:
     traced = loss_fn.vmappable(batch, next(iter(params.values())).dtype)
-    grads = vmap(grad(loss_fn.single), in_dims=(None, 0), chunk_size=chunk_size)(params, traced)
-    return loss_fn.selection.flatten(grads, batch_dims=1).to(dtype)
+    return vmap(grad(loss_fn.single), in_dims=(None, 0), chunk_size=chunk_size)(params, traced)
 
 
-def _loop_grads(loss_fn: LossFunction, params: Params, batch: Batch) -> torch.Tensor:
-    dtype = accumulation_dtype(params)
-    rows = []
-    for i in range(batch_size_of(batch)):
-        g = grad(loss_fn.mean)(params, slice_batch(batch, i, i + 1))
-        rows.append(loss_fn.selection.flatten(g).to(dtype))
-    return torch.stack(rows)
+def _loop_grads(loss_fn: LossFunction, params: Params, batch: Batch) -> Params:
+    rows = [grad(loss_fn.mean)(params, slice_batch(batch, i, i + 1)) for i in range(batch_size_of(batch))]
+    return {name: torch.stack([row[name] for row in rows]) for name in params}
 
 
 def mean_grad(loss_fn: LossFunction, params: Params, batch: Batch) -> torch.Tensor:

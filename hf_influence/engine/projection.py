@@ -13,7 +13,7 @@ import torch
 from torch.func import jvp, vmap
 
 from ..data import Batch
-from .grads import LossFunction, Params, accumulation_dtype, per_example_grads
+from .grads import LossFunction, Params, accumulation_dtype, per_example_grad_tensors
 
 ProjectionMode = Literal["auto", "jvp", "grads"]
 
@@ -29,9 +29,18 @@ def project_by_jvp(loss_fn: LossFunction, params: Params, batch: Batch, directio
 def project_by_grads(
     loss_fn: LossFunction, params: Params, batch: Batch, directions: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """``[B, p̄]``: per-example gradients ``[B, P]`` times ``directionsᵀ`` ``[P, p̄]``."""
-    grads = per_example_grads(loss_fn, params, batch, chunk_size=chunk_size)
-    return grads @ directions.T.to(grads.dtype)
+    """``[B, p̄]``: per-example gradients ``[B, P]`` times ``directionsᵀ`` ``[P, p̄]``.
+
+    Accumulated parameter by parameter, so the ``[B, P]`` matrix is never concatenated.
+    """
+    dtype = accumulation_dtype(params)
+    grads = per_example_grad_tensors(loss_fn, params, batch, chunk_size=chunk_size)
+    pieces = loss_fn.selection.unflatten(directions.to(dtype))  # each [p̄, *shape]
+    total = None
+    for name, g in grads.items():
+        part = g.reshape(g.shape[0], -1).to(dtype) @ pieces[name].reshape(pieces[name].shape[0], -1).T
+        total = part if total is None else total + part
+    return total
 
 
 def choose_projection(num_params: int, rank: int, batch_size: int, memory_budget_bytes: float) -> str:

@@ -1,0 +1,100 @@
+"""Examples/s of a plain training step vs Arnoldi self-influence scoring, measured side by side.
+
+    python benchmarks/throughput.py [--hidden 128] [--layers 2] [--seq-len 64] [--batch-size 32]
+
+Both run on the same model, batch and machine in one process, alternating rounds; medians are
+reported. Both read the same ``datasets.Dataset`` through the same padding ``DataLoader``.
+The training step is forward + backward + AdamW step; scoring is the per-batch work of
+``Influence.self_influence(method="arnoldi")`` (per-example gradients projected onto a fitted
+basis). Basis fitting is a one-off cost, reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+import hf_influence as hfi  # noqa: E402
+from hf_influence.data import make_loader  # noqa: E402
+
+
+def build(args) -> tuple[BertForSequenceClassification, Dataset]:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
+        intermediate_size=4 * args.hidden, max_position_embeddings=max(128, args.seq_len), num_labels=3,
+    )
+    model = BertForSequenceClassification(config)
+    n = args.batch_size * args.batches
+    ids = torch.randint(5, args.vocab, (n, args.seq_len))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * args.seq_len] * n, "labels": (ids[:, 0] % 3).tolist()})
+    return model, data
+
+
+def time_training(model, data, args) -> float:
+    """Seconds for one pass of ``args.batches`` training steps, batches loaded as scoring loads them."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    model.train()
+    start = time.perf_counter()
+    for batch in make_loader(data, args.batch_size):
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def time_scoring(inf, data, basis) -> float:
+    start = time.perf_counter()
+    inf.self_influence(data, method="arnoldi", basis=basis)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=4, help="batches per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=20)
+    args = parser.parse_args()
+
+    model, data = build(args)
+    # Scoring uses the weights as they are; training below changes them, so score a frozen copy.
+    scored = BertForSequenceClassification(model.config)
+    scored.load_state_dict(model.state_dict())
+    start = time.perf_counter()
+    inf = hfi.Influence(scored, batch_size=args.batch_size, progress=False)
+    basis = inf.fit_arnoldi(data.select(range(args.batch_size)), rank=args.rank, iterations=2 * args.rank)
+    fit_seconds = time.perf_counter() - start
+    jvp = hfi.Influence(scored, batch_size=args.batch_size, projection="jvp", progress=False)
+
+    time_training(model, data, args), time_scoring(inf, data, basis)  # warm-up
+    train_s, score_s, jvp_s = [], [], []
+    for _ in range(args.rounds):
+        train_s.append(time_training(model, data, args))
+        score_s.append(time_scoring(inf, data, basis))
+        jvp_s.append(time_scoring(jvp, data, basis))
+    n = len(data)
+    train_eps, score_eps, jvp_eps = (n / statistics.median(s) for s in (train_s, score_s, jvp_s))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, BERT hidden={args.hidden} layers={args.layers} "
+          f"seq_len={args.seq_len} batch={args.batch_size}, P={inf.selection.num_params:,} parameters, rank={args.rank}")
+    print(f"{'':38s}{'examples/s':>12s}{'ratio':>8s}")
+    print(f"{'training step (fwd+bwd+AdamW)':38s}{train_eps:12.1f}{1.0:8.2f}")
+    print(f"{'arnoldi self-influence (auto=grads)':38s}{score_eps:12.1f}{score_eps / train_eps:8.2f}")
+    print(f"{'arnoldi self-influence (jvp)':38s}{jvp_eps:12.1f}{jvp_eps / train_eps:8.2f}")
+    print(f"basis fit (one-off, {2 * args.rank} Arnoldi HVP passes over {args.batch_size} examples): {fit_seconds:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
