@@ -1,0 +1,23 @@
+"""The embedded demo runs end to end at reduced size and finds the flipped labels."""
+
+import json
+
+from hf_influence.cli.demo import DemoArguments, run_demo
+from hf_influence.cli.main import main
+
+
+def test_demo_end_to_end(tmp_path):
+    args = DemoArguments(output_dir=str(tmp_path), num_train=300, num_test=100, epochs=15, rank=10, iterations=20, hessian_examples=128)
+    summary = run_demo(args)
+    arnoldi = summary["detection"]["arnoldi self-influence"]
+    assert arnoldi["auc"] > 0.8 and summary["detection"]["random"]["auc"] < 0.65
+    assert arnoldi["ap"] > 3 * 0.1  # random AP is the noise rate
+    saved = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert saved["detection"] == summary["detection"]
+    assert (tmp_path / "arnoldi_basis.safetensors").is_file()
+
+
+def test_cli_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["no-such-command"]) == 2
