@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -85,32 +85,21 @@ def additive_mask(attention_mask: torch.Tensor, kind: str, dtype: torch.dtype) -
 
 
 class RandomBatches:
-    """An endless stream of random minibatches (for stochastic Hessians), seeded.
+    """Random minibatches for stochastic Hessians, drawn with the caller's generator.
 
-    From a ``Dataset``: ``batch_size`` indices drawn without replacement each time. From a
-    ``DataLoader``: its batches in turn, cycling (its own batch size and order apply).
+    From a ``Dataset``: ``batch_size`` distinct indices per draw, padded by ``PaddingCollator``.
+    From a ``DataLoader``: indices into its ``dataset``, collated by its own ``collate_fn``.
     """
 
-    def __init__(self, data: Any, batch_size: int, pad_token_id: int, generator: torch.Generator):
-        self.data, self.batch_size, self.generator = data, batch_size, generator
-        self.collate = PaddingCollator(pad_token_id)
-        self._cycle: Iterator[Batch] | None = None
+    def __init__(self, data: Any, batch_size: int, pad_token_id: int):
+        if isinstance(data, DataLoader):
+            self.dataset, self.collate = data.dataset, data.collate_fn
+        else:
+            self.dataset, self.collate = data, PaddingCollator(pad_token_id)
+        if len(self.dataset) == 0:
+            raise InvalidInputError("The Hessian data is empty: pass at least one training example.")
+        self.batch_size = min(batch_size, len(self.dataset))
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        if isinstance(self.data, DataLoader):
-            return self._next_from_loader()
-        size = min(self.batch_size, len(self.data))
-        idx = torch.randperm(len(self.data), generator=self.generator)[:size].tolist()
-        return self.collate([self.data[i] for i in idx])
-
-    def _next_from_loader(self) -> Batch:
-        if self._cycle is None:
-            self._cycle = iter(self.data)
-        try:
-            return next(self._cycle)
-        except StopIteration:
-            self._cycle = iter(self.data)
-            return next(self._cycle)
+    def sample(self, generator: torch.Generator) -> Batch:
+        idx = torch.randperm(len(self.dataset), generator=generator)[: self.batch_size].tolist()
+        return self.collate([self.dataset[i] for i in idx])

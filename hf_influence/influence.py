@@ -14,10 +14,11 @@ from ._utils.errors import InvalidInputError
 from .data import RandomBatches, make_loader, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
-from .engine.ihvp.arnoldi import ArnoldiBasis, arnoldi_iteration, distill
+from .engine.ihvp.arnoldi import ArnoldiBasis, distill
+from .engine.spectrum import Spectrum, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
 from .engine.ihvp.base import Preconditioner, check_damping
 from .engine.ihvp.exact import ExactInverse
-from .engine.ihvp.lissa import LissaConfig, LissaInverse
+from .engine.ihvp.lissa import LissaConfig, LissaInverse, choose_lissa_config
 from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
 from .engine.scoring import (
     DiagonalInverse,
@@ -94,6 +95,8 @@ class Influence:
         self.memory_budget = memory_budget_gb * 2**30
         self.train_loss = LossFunction(model, self.task, self.selection)
         self.test_loss = LossFunction(model, self.task, self.selection, measurement=True)
+        self.last_spectrum: Spectrum | None = None  # set by lissa="auto"
+        self.last_lissa = None  # LissaResult of the last s_test
 
     # ----------------------------------------------------------------- public surface
     def fit_arnoldi(self, hessian_data: Any, rank: int = 20, iterations: int = 100, seed: int | None = None) -> ArnoldiBasis:
@@ -106,8 +109,8 @@ class Influence:
         start = torch.randn(self.selection.num_params, generator=generator, dtype=torch.float64)
         start = start.to(device=self._device(), dtype=accumulation_dtype(params))
         with eval_mode(self.model):
-            krylov, hessenberg = arnoldi_iteration(
-                lambda v: dataset_hvp(self.train_loss, params, batches, v), start, iterations, self.progress
+            krylov, hessenberg = krylov_iteration(
+                lambda v: dataset_hvp(self.train_loss, params, batches, v), start, iterations, self.progress, desc="Arnoldi"
             )
         eigenvalues, eigenvectors = distill(krylov, hessenberg, rank)
         description = self.selection.describe()
@@ -123,7 +126,7 @@ class Influence:
         method: str | Method = Method.ARNOLDI,
         basis: ArnoldiBasis | None = None,
         hessian_data: Any = None,
-        lissa: LissaConfig | None = None,
+        lissa: str | LissaConfig = "auto",
         rank: int = 20,
     ) -> torch.Tensor:
         """Influence of each training example on each test example: ``[n_test, n_train]``, fp32 (fp64 model: fp64).
@@ -143,7 +146,7 @@ class Influence:
         method: str | Method = Method.ARNOLDI,
         basis: ArnoldiBasis | None = None,
         hessian_data: Any = None,
-        lissa: LissaConfig | None = None,
+        lissa: str | LissaConfig = "auto",
         rank: int = 20,
     ) -> torch.Tensor:
         """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
@@ -152,12 +155,59 @@ class Influence:
         with eval_mode(self.model):
             return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress)
 
-    def s_test(self, test_data: Any, hessian_data: Any, lissa: LissaConfig | None = None) -> torch.Tensor:
-        """``(H + λI)^-1 ∇L(z_test)`` by LiSSA for each test example: ``[n_test, P]`` (``named_parameters()`` order)."""
-        precondition = self._lissa(hessian_data, lissa or LissaConfig())
+    def s_test(self, test_data: Any, hessian_data: Any, lissa: str | LissaConfig = "auto") -> torch.Tensor:
+        """``(H + λI)^-1 ∇L(z_test)`` by LiSSA for each test example: ``[n_test, P]`` (``named_parameters()`` order).
+
+        ``lissa`` is a `LissaConfig`, ``"auto"`` (settings from :meth:`spectrum`, see
+        ``choose_lissa_config``), ``"fastif"`` or ``"koh_liang"`` (the papers' settings at this
+        ``Influence``'s damping). The last solver run is kept in ``self.last_lissa``.
+        """
+        precondition = self._lissa(hessian_data, lissa)
         with eval_mode(self.model):
             test_grads = collect_features(self._grad_fn(self.test_loss), self._loader(test_data), self._device(), "test gradients", self.progress)
-            return precondition(test_grads)
+            result = precondition(test_grads)
+        self.last_lissa = precondition.last_result
+        return result
+
+    def spectrum(
+        self,
+        hessian_data: Any,
+        method: str = "lanczos",
+        iterations: int = 30,
+        trace_estimator: str = "hutch++",
+        trace_matvecs: int = 30,
+        max_examples: int | None = 512,
+    ) -> Spectrum:
+        """Estimate ``λ_max`` (and with Lanczos ``λ_min``) and ``tr(H)`` from HVPs, with error bars.
+
+        Args:
+            method (`str`, defaults to `"lanczos"`): ``"lanczos"`` (also gives the bottom of the
+                spectrum, i.e. the damping that makes ``H + λI`` positive definite) or ``"power"``.
+            iterations (`int`, defaults to `30`): Lanczos steps / maximum power iterations.
+            trace_estimator (`str`, defaults to `"hutch++"`): ``"hutch++"`` or ``"hutchinson"``.
+            trace_matvecs (`int`, defaults to `30`): HVPs spent on the trace.
+            max_examples (`int`, *optional*, defaults to `512`): estimate on a seeded random subset of
+                this many examples (``None``: all); each HVP is a pass over them.
+        """
+        if method not in ("lanczos", "power") or trace_estimator not in ("hutch++", "hutchinson"):
+            raise ValueError(f"method must be 'lanczos' or 'power' and trace_estimator 'hutch++' or 'hutchinson'; got {method!r}, {trace_estimator!r}.")
+        batches = self._materialize(self._subset(hessian_data, max_examples))
+        params = self._params()
+        dtype, device, num = accumulation_dtype(params), self._device(), self.selection.num_params
+        generator = torch.Generator().manual_seed(self.seed)
+        start = torch.randn(num, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+        hvp = lambda v: dataset_hvp(self.train_loss, params, batches, v)  # noqa: E731
+        with eval_mode(self.model):
+            if method == "lanczos":
+                _, hessenberg = krylov_iteration(hvp, start, iterations, self.progress, desc="Lanczos")
+                top, top_err, bottom, bottom_err = ritz_extremes(hessenberg)
+                extremes, hvps = {"lambda_min": bottom, "lambda_min_error": bottom_err}, hessenberg.shape[1]
+            else:
+                top, top_err, hvps = power_iteration(hvp, start, iterations)
+                extremes = {}
+            estimator = hutchpp_trace if trace_estimator == "hutch++" else hutchinson_trace
+            trace, stderr = estimator(hvp, num, trace_matvecs, generator, dtype, device)
+        return Spectrum(top, top_err, trace, stderr, hvps + trace_matvecs, **extremes)
 
     def exact_hessian(self, hessian_data: Any) -> torch.Tensor:
         """The explicit ``[P, P]`` Hessian of the mean loss (small parameter sets only)."""
@@ -172,7 +222,7 @@ class Influence:
         if method is Method.EXACT:
             return ExactInverse(self.exact_hessian(hessian_data), self.damping), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
         if method is Method.LISSA:
-            return self._lissa(hessian_data, lissa or LissaConfig()), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
+            return self._lissa(hessian_data, lissa), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
         if method is Method.ARNOLDI:
             basis = basis if basis is not None else self._fit_default_basis(hessian_data, rank)
             self._check_basis(basis)
@@ -202,17 +252,37 @@ class Influence:
             h_q = dataset_hvp(self.train_loss, params, self._materialize(hessian_data), directions.T)  # [P, p̄]
         return SubspaceInverse(directions @ h_q, self.damping)
 
-    def _lissa(self, hessian_data: Any, config: LissaConfig) -> LissaInverse:
+    def _lissa(self, hessian_data: Any, lissa: str | LissaConfig) -> LissaInverse:
+        num_examples = len(hessian_data.dataset if isinstance(hessian_data, DataLoader) else hessian_data)
+        config = self._lissa_config(hessian_data, lissa, num_examples)
+        stream = RandomBatches(hessian_data, config.batch_size, self._pad_id())
         damping = self.damping if config.damping is None else config.damping
-        generator = torch.Generator().manual_seed(config.seed)
-        stream = RandomBatches(hessian_data, config.batch_size, self._pad_id(), generator)
         params, device = self._params(), self._device()
 
-        def sample_hvp(vectors: torch.Tensor) -> torch.Tensor:
+        def sample_hvp(vectors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             with eval_mode(self.model):
-                return batch_hvp(self.train_loss, params, to_device(next(stream), device), vectors)
+                return batch_hvp(self.train_loss, params, to_device(stream.sample(generator), device), vectors)
 
         return LissaInverse(sample_hvp, config, damping, self.progress)
+
+    def _lissa_config(self, hessian_data: Any, lissa: str | LissaConfig, num_examples: int) -> LissaConfig:
+        if isinstance(lissa, LissaConfig):
+            return lissa
+        if lissa == "auto":
+            self.last_spectrum = self.spectrum(hessian_data)
+            return choose_lissa_config(self.last_spectrum, self.damping, num_examples, seed=self.seed)
+        if lissa in ("fastif", "koh_liang"):
+            return getattr(LissaConfig, lissa)(damping=self.damping, seed=self.seed)
+        raise ValueError(f"lissa must be a LissaConfig, 'auto', 'fastif' or 'koh_liang'; got {lissa!r}.")
+
+    def _subset(self, data: Any, max_examples: int | None) -> Any:
+        """A seeded random subset of at most ``max_examples`` examples (the data itself if smaller)."""
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if max_examples is None or len(dataset) <= max_examples:
+            return data
+        keep = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:max_examples].tolist())
+        subset = torch.utils.data.Subset(dataset, keep) if not hasattr(dataset, "select") else dataset.select(keep)
+        return DataLoader(subset, batch_size=self.batch_size, collate_fn=data.collate_fn) if isinstance(data, DataLoader) else subset
 
     def _grad_fn(self, loss_fn: LossFunction) -> FeatureFn:
         params = self._params()

@@ -1,6 +1,7 @@
 """Arnoldi eigenbasis of the Hessian (Schioppa et al. 2022, "Scaling Up Influence Functions", Alg. 1-2).
 
-``iterations`` HVPs build an orthonormal Krylov basis with full re-orthogonalisation; the small
+``iterations`` HVPs build an orthonormal Krylov basis with full re-orthogonalisation
+(``spectrum.krylov_iteration``); the small
 projected matrix is diagonalised and distilled to the ``rank`` eigenpairs of largest |λ|. Scores
 in that basis use ``Σ_i (u_i·g_x)(u_i·g_z) / (λ_i + damping)``.
 """
@@ -10,44 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
-from tqdm.auto import tqdm
 
 from ..._utils.errors import IncompatibleBasisError
 from ..._utils.io import load_tensors, save_tensors
 from .base import check_damping
 
 BASIS_FILE = "arnoldi_basis.safetensors"
-
-
-def arnoldi_iteration(
-    hvp: Callable[[torch.Tensor], torch.Tensor],
-    start: torch.Tensor,
-    iterations: int,
-    progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Krylov basis ``Q`` ``[m+1, P]`` and Hessenberg matrix ``[m+1, m]`` (``m <= iterations``).
-
-    ``hvp(V)`` maps ``[P, 1] -> [P, 1]``. Stops early, with ``m < iterations``, when the Krylov
-    space is invariant (the next residual vanishes).
-    """
-    basis = [start / start.norm()]
-    hessenberg = torch.zeros(iterations + 1, iterations, dtype=start.dtype, device=start.device)
-    for k in tqdm(range(iterations), desc="Arnoldi", disable=not progress):
-        w = hvp(basis[k][:, None])[:, 0]
-        stacked = torch.stack(basis)  # [k+1, P]
-        for _ in range(2):  # classical Gram-Schmidt, twice: full re-orthogonalisation
-            coeffs = stacked @ w
-            w = w - stacked.T @ coeffs
-            hessenberg[: k + 1, k] += coeffs
-        residual = w.norm()
-        hessenberg[k + 1, k] = residual
-        if residual <= 1e-10 * hessenberg[: k + 1, k].norm().clamp_min(1e-30):
-            return stacked, hessenberg[: k + 2, : k + 1]
-        basis.append(w / residual)
-    return torch.stack(basis), hessenberg
 
 
 def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

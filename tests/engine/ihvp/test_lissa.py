@@ -1,5 +1,7 @@
 """LiSSA against exact s_test on the tiny trained BERT; divergence is caught."""
 
+import math
+
 import pytest
 import torch
 
@@ -34,3 +36,48 @@ def test_scale_below_lambda_max_is_detected(bert_oracle):
 def test_config_rejects_impossible_values(field, value):
     with pytest.raises(ValueError, match=field):
         hfi.LissaConfig(**{field: value})
+
+
+def exact_s_test(bert_oracle):
+    hessian = bert_oracle["hessian"]
+    return torch.linalg.solve(hessian + utils.BERT_DAMPING * torch.eye(hessian.shape[0], dtype=torch.float64), bert_oracle["g_test"].T).T
+
+
+def test_auto_lissa_correlates_with_exact(bert_oracle):
+    inf = bert_oracle["inf"]
+    s_test = inf.s_test(bert_oracle["test"], bert_oracle["train"], lissa="auto")
+    assert utils.pearson(s_test, exact_s_test(bert_oracle)) >= utils.PEARSON_FLOOR
+    chosen = inf.last_lissa.config
+    assert chosen.scale > inf.last_spectrum.lambda_max + utils.BERT_DAMPING
+    koh_liang = hfi.LissaConfig.koh_liang()
+    assert 10 * inf.last_lissa.hvps * chosen.batch_size <= koh_liang.steps * koh_liang.batch_size  # example-HVPs
+
+
+def test_choose_config_follows_the_spectrum():
+    from hf_influence.engine.ihvp.lissa import choose_lissa_config
+    from hf_influence.engine.spectrum import Spectrum
+
+    spectrum = Spectrum(lambda_max=1.0, lambda_max_error=0.0, trace=20.0, trace_stderr=0.0, hvps=0, lambda_min=-0.05, lambda_min_error=0.0)
+    config = choose_lissa_config(spectrum, damping=0.1, num_examples=1000, target_error=1e-2)
+    assert config.scale == pytest.approx(2 * 1.1)
+    assert config.batch_size == 20  # tr(H) / λ_max
+    assert config.steps == math.ceil(2.2 / 0.05 * math.log(100.0))
+    assert config.max_repeats == 16 and config.restarts == 1
+    with pytest.raises(ValueError, match="damping > 0.05"):
+        choose_lissa_config(spectrum, damping=0.01, num_examples=1000)
+
+
+def test_fastif_converter_and_presets():
+    from hf_influence.engine.ihvp.lissa import fastif_damping
+
+    assert fastif_damping(5e-3, 1e4) == pytest.approx(50.0)
+    assert hfi.LissaConfig.fastif().batch_size == 1 and hfi.LissaConfig.fastif().damping == pytest.approx(50.0)
+    assert hfi.LissaConfig.koh_liang().steps == 10_000 and hfi.LissaConfig.koh_liang(damping=0.01).damping == 0.01
+
+
+def test_divergence_restarts_with_larger_scale(bert_oracle):
+    inf = bert_oracle["inf"]
+    config = hfi.LissaConfig(scale=0.06, steps=50, batch_size=48, restarts=1)  # 4 x 0.06 > λ_max + λ ≈ 0.17
+    s_test = inf.s_test(bert_oracle["test"].select(range(3)), bert_oracle["train"], lissa=config)
+    assert torch.isfinite(s_test).all()
+    assert inf.last_lissa.config.scale == pytest.approx(0.24)
