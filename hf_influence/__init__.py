@@ -3,6 +3,7 @@
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.ihvp.lissa import LissaConfig
 from .influence import Influence, Method
+from .knn import knn_recall
 from .tasks import CausalLMTask, Seq2SeqTask, SequenceClassificationTask, Task
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "Seq2SeqTask",
     "SequenceClassificationTask",
     "Task",
+    "knn_recall",
 ]
 __version__ = "0.1.0"

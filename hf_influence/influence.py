@@ -30,6 +30,7 @@ from .engine.scoring import (
     random_subspace,
     self_scores,
 )
+from .knn import KnnIndex, KnnScores, build_index, check_in_order, check_num_neighbors, dataset_of, score_candidates
 from .params import select_parameters
 from .tasks import Task, infer_task
 
@@ -128,17 +129,47 @@ class Influence:
         hessian_data: Any = None,
         lissa: str | LissaConfig = "auto",
         rank: int = 20,
-    ) -> torch.Tensor:
+        knn: int | None = None,
+        index: KnnIndex | None = None,
+    ) -> torch.Tensor | KnnScores:
         """Influence of each training example on each test example: ``[n_test, n_train]``, fp32 (fp64 model: fp64).
 
         ``hessian_data`` defaults to ``train_data``. ``basis`` is used by ``"arnoldi"`` (fitted on
         ``hessian_data`` when not given); ``lissa`` configures ``"lissa"``; ``rank`` sizes ``"randproj"``.
+
+        With ``knn=k`` (FastIF), only the ``k`` training examples nearest to each test example in
+        the model's embedding space are scored: the result is a `KnnScores` with ``scores`` and
+        ``indices`` of shape ``[n_test, k]`` (``.topk(m)`` ranks them). ``index`` is a prebuilt
+        `hf_influence.knn.KnnIndex` over ``train_data`` (built on the fly when ``None``; refused if it
+        was built on another model or training set).
         """
         method = Method(method)
+        if knn is not None:
+            return self._knn_scores(test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank)
+        if index is not None:
+            raise ValueError("index= is only used with knn=k: pass knn (the number of candidates per test example), or drop index.")
         precondition, train_fn, test_fn = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
             test_features = collect_features(test_fn, make_loader(test_data, self.batch_size, self._pad_id()), self._device(), "test features", self.progress)
             return pairwise_scores(precondition(test_features), train_fn, self._loader(train_data), self._device(), self.progress)
+
+    def _knn_scores(self, test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank) -> KnnScores:
+        """``scores(knn=k)``: checks first, then candidates from the index, then scores for those only."""
+        check_num_neighbors(knn, len(dataset_of(train_data)))
+        check_in_order(train_data)
+        index = self._knn_index(train_data, index)
+        candidates = index.neighbors(self.model, test_data, knn, self.batch_size, self._pad_id(), self.progress)  # [n_test, k]
+        precondition, train_fn, test_fn = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
+        with eval_mode(self.model):
+            test_features = collect_features(test_fn, self._loader(test_data), self._device(), "test features", self.progress)
+            return score_candidates(precondition(test_features), train_fn, train_data, candidates, self._loader, self._device(), self.progress)
+
+    def _knn_index(self, train_data: Any, index: KnnIndex | None) -> KnnIndex:
+        """The given index once checked against this model and ``train_data``, else a new exact one."""
+        if index is None:
+            return build_index(self.model, train_data, batch_size=self.batch_size, pad_token_id=self._pad_id(), progress=self.progress)
+        index.check_compatible(self.model, train_data)
+        return index
 
     def self_influence(
         self,

@@ -29,3 +29,7 @@ class LissaDivergenceError(FloatingPointError):
 
 class SingularHessianError(FloatingPointError):
     """``H + λI`` is (numerically) singular, so its inverse is undefined."""
+
+
+class StaleIndexError(IncompatibleBasisError):
+    """A saved kNN index was built on another model, embedding or training set."""

@@ -1,0 +1,247 @@
+"""kNN restriction: with k = N it reproduces the full scan exactly; neighbours match brute force;
+the index round-trips and refuses a stale model or dataset; recall@m on a constructed case;
+embeddings equal a hand-computed pooling of each example run alone, without padding."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from transformers import GPT2ForSequenceClassification
+
+import hf_influence as hfi
+from hf_influence import knn
+from hf_influence._utils.errors import InvalidInputError, StaleIndexError
+from hf_influence.data import PaddingCollator
+from tests import utils
+
+EMBED_ATOL = 1e-5  # padded-batch pooling vs each example alone (fp32)
+NEIGHBOR_RTOL = 1e-9  # restricted vs full scores when candidate batches are padded differently (fp64)
+PARAMS = ["classifier", "pooler"]  # 323 parameters: the explicit Hessian takes well under a second
+LISSA = hfi.LissaConfig(scale=1.0, steps=100, batch_size=8, seed=0)  # scale > λ_max + λ ≈ 0.17 here
+
+
+@pytest.fixture(scope="module")
+def setup(trained_bert):
+    model, train, test = trained_bert
+    inf = hfi.Influence(model, params=PARAMS, damping=utils.BERT_DAMPING, batch_size=16, progress=False)
+    basis = inf.fit_arnoldi(train, rank=10, iterations=30)
+    return {"inf": inf, "train": train, "test": test, "basis": basis, "index": knn.build_index(model, train, progress=False)}
+
+
+def _scores(setup, method, **kwargs):
+    inf, train, test = setup["inf"], setup["train"], setup["test"]
+    return inf.scores(test, train, method=method, basis=setup["basis"], lissa=LISSA, rank=8, **kwargs)
+
+
+def _brute_force_neighbors(queries: torch.Tensor, keys: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.cdist(queries.double(), keys.double()).topk(k, dim=1, largest=False).indices
+
+
+# ----------------------------------------------------------------------------- restricted scores
+@pytest.mark.parametrize("method", ["tracin", "exact", "arnoldi", "lissa", "randproj"])
+def test_k_equal_n_reproduces_the_full_scan_exactly(setup, method):
+    full = _scores(setup, method)  # [n_test, N]
+    restricted = _scores(setup, method, knn=len(setup["train"]), index=setup["index"])
+    assert restricted.indices.dtype == torch.int64
+    assert torch.equal(restricted.indices.sort(dim=1).values, torch.arange(full.shape[1]).expand_as(full))
+    assert torch.equal(restricted.scores, full.gather(1, restricted.indices))
+
+
+@pytest.mark.parametrize("method", ["tracin", "exact", "arnoldi"])
+def test_small_k_scores_the_true_nearest_neighbours(setup, method):
+    inf, train, test = setup["inf"], setup["train"], setup["test"]
+    restricted = _scores(setup, method, knn=5, index=setup["index"])
+    keys, queries = (knn.compute_embeddings(inf.model, d, progress=False) for d in (train, test))
+    assert torch.equal(restricted.indices, _brute_force_neighbors(queries, keys, 5))
+    full = _scores(setup, method)
+    torch.testing.assert_close(restricted.scores, full.gather(1, restricted.indices), rtol=NEIGHBOR_RTOL, atol=1e-12)
+
+
+def test_index_is_built_on_the_fly_and_a_sequential_dataloader_works(setup):
+    inf, train, test = setup["inf"], setup["train"], setup["test"]
+    expected = _scores(setup, "tracin", knn=7, index=setup["index"])
+    loader = DataLoader(train, batch_size=5, collate_fn=PaddingCollator())
+    from_loader = inf.scores(test, loader, method="tracin", knn=7)
+    assert torch.equal(from_loader.indices, expected.indices)
+    torch.testing.assert_close(from_loader.scores, expected.scores, rtol=NEIGHBOR_RTOL, atol=1e-12)
+
+
+def test_bad_requests_are_refused_before_any_work(setup, monkeypatch):
+    inf, train, test = setup["inf"], setup["train"], setup["test"]
+    monkeypatch.setattr(inf, "_method_parts", lambda *a: pytest.fail("preconditioning ran before the checks"))
+    for k in (0, len(train) + 1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"knn must be an integer in \[1, {len(train)}\]"):
+            inf.scores(test, train, method="tracin", knn=k)
+    with pytest.raises(ValueError, match="index= is only used with knn"):
+        inf.scores(test, train, method="tracin", index=setup["index"])
+    shuffled = DataLoader(train, batch_size=5, shuffle=True, collate_fn=PaddingCollator())
+    with pytest.raises(InvalidInputError, match="shuffle=False"):
+        inf.scores(test, shuffled, method="tracin", knn=3)
+    with pytest.raises(StaleIndexError, match="training data: built on 48 examples"):
+        inf.scores(test, train.select(range(40)), method="tracin", knn=3, index=setup["index"])
+
+
+# ----------------------------------------------------------------------------- index
+def test_index_round_trips_and_writes_atomically(setup, tmp_path):
+    index, model, train = setup["index"], setup["inf"].model, setup["train"]
+    queries = knn.compute_embeddings(model, setup["test"], progress=False)
+    assert not knn.index_exists(tmp_path)
+    assert knn.save_index(index, tmp_path) == tmp_path / "knn_index.safetensors"
+    assert [p.name for p in tmp_path.iterdir()] == ["knn_index.safetensors"]  # no temporary file left
+    loaded = knn.load_index(tmp_path)
+    assert loaded.metadata() == index.metadata()
+    for got, want in zip(loaded.search(queries, 9), index.search(queries, 9)):
+        assert torch.equal(got, want)
+    loaded.check_compatible(model, train)
+    assert torch.equal(loaded.neighbors(model, setup["test"], 4), index.search(queries, 4)[1])
+
+
+def test_stale_index_is_refused(setup):
+    index, model, train = setup["index"], setup["inf"].model, setup["train"]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.classifier.bias.add_(1e-3)
+    with pytest.raises(StaleIndexError, match=r"model: built on BertForSequenceClassification weights .*Rebuild it"):
+        index.check_compatible(other, train)
+    with pytest.raises(StaleIndexError, match="training data: built on 48 examples .* given 47 examples"):
+        index.check_compatible(model, train.select(range(47)))
+    relabelled = train.map(lambda row: {"labels": (row["labels"] + 1) % 3})
+    with pytest.raises(StaleIndexError, match="training data"):
+        index.check_compatible(model, relabelled)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_exact_search_matches_brute_force(metric):
+    keys, queries = torch.randn(200, 6, generator=torch.Generator().manual_seed(1)), torch.randn(5, 6)
+    faiss_index, index_type, _ = knn.index_embeddings(keys, metric=metric)
+    index = knn.KnnIndex(faiss_index, metric, index_type, "custom", "m", "M", "d")
+    if metric == "l2":
+        expected = _brute_force_neighbors(queries, keys, 8)
+    else:
+        unit = (lambda x: torch.nn.functional.normalize(x.double(), dim=1)) if metric == "cosine" else (lambda x: x.double())
+        expected = (unit(queries) @ unit(keys).T).topk(8, dim=1).indices
+    assert index_type == "flat"
+    assert torch.equal(index.search(queries, 8)[1], expected)
+
+
+def test_ivf_above_threshold_exhaustive_probe_is_exact_and_k_is_always_filled():
+    keys, queries = torch.randn(300, 6, generator=torch.Generator().manual_seed(2)), torch.randn(4, 6)
+    faiss_index, index_type, nprobe = knn.index_embeddings(keys, ivf_threshold=100, nlist=6, nprobe=6)
+    assert (index_type, nprobe) == ("ivf", 6)
+    exhaustive = knn.KnnIndex(faiss_index, "l2", index_type, "custom", "m", "M", "d", nprobe=6)
+    assert torch.equal(exhaustive.search(queries, 10)[1], _brute_force_neighbors(queries, keys, 10))
+    narrow = knn.KnnIndex(faiss_index, "l2", index_type, "custom", "m", "M", "d", nprobe=1)
+    everything = narrow.search(queries, 300)[1]  # one list cannot hold 300 vectors: nprobe is widened
+    assert torch.equal(everything.sort(dim=1).values, torch.arange(300).expand(4, 300))
+
+
+def test_custom_embedding_must_be_given_again_on_load(setup, tmp_path):
+    model, train, test = setup["inf"].model, setup["train"], setup["test"]
+
+    def token_sums(model, batch):
+        return (batch["input_ids"] * batch["attention_mask"]).sum(dim=1, keepdim=True).float()
+
+    index = knn.build_index(model, train, embed_fn=token_sums, progress=False)
+    index.save(tmp_path)
+    expected = _brute_force_neighbors(knn.compute_embeddings(model, test, token_sums), knn.compute_embeddings(model, train, token_sums), 1)
+    assert torch.equal(index.neighbors(model, test, 1)[:, 0], expected[:, 0])
+    with pytest.raises(InvalidInputError, match="load_index\\(path, embed_fn=...\\)"):
+        knn.load_index(tmp_path).neighbors(model, test, 1)
+    with pytest.raises(StaleIndexError, match="built with the embedding 'custom:.*token_sums'"):
+        knn.load_index(tmp_path, embed_fn=lambda model, batch: batch["input_ids"][:, :1].float())
+    assert torch.equal(knn.load_index(tmp_path, embed_fn=token_sums).neighbors(model, test, 3), index.neighbors(model, test, 3))
+
+
+def test_missing_faiss_gives_an_install_hint(setup, monkeypatch):
+    monkeypatch.setattr("hf_influence._utils.imports.is_faiss_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        knn.build_index(setup["inf"].model, setup["train"], progress=False)
+
+
+def test_row_hash_fingerprint_for_plain_datasets():
+    rows = [{"input_ids": [3, 4, 5], "labels": 1}, {"input_ids": [6, 7], "labels": 0}]
+    changed = [rows[0], {"input_ids": [6, 8], "labels": 0}]
+    assert knn.dataset_fingerprint(rows) == knn.dataset_fingerprint(copy.deepcopy(rows))
+    assert knn.dataset_fingerprint(rows) != knn.dataset_fingerprint(changed)
+    assert knn.dataset_fingerprint(rows) != knn.dataset_fingerprint(rows[:1])
+
+
+# ----------------------------------------------------------------------------- recall and top-k
+def test_recall_on_a_constructed_case():
+    full = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.5, -10.0],
+                         [0.1, -0.2, 9.0, 8.0, -7.0, 0.3, 0.0]])  # [2, 7]
+    candidates = torch.tensor([[0, 2, 5], [2, 3, 4]])
+    # row 0: top-3 |s| = {6, 0, 1}, helpful = {0, 1, 2}, harmful = {6, 5, 4}
+    # row 1: top-3 |s| = {2, 3, 4}, helpful = {2, 3, 5}, harmful = {4, 1, 6}
+    assert hfi.knn_recall(candidates, full, 3).tolist() == pytest.approx([1 / 3, 1.0])
+    assert hfi.knn_recall(candidates, full, 3, direction="helpful").tolist() == pytest.approx([2 / 3, 2 / 3])
+    assert hfi.knn_recall(candidates, full, 3, direction="harmful").tolist() == pytest.approx([1 / 3, 1 / 3])
+    assert hfi.knn_recall(knn.KnnScores(full.gather(1, candidates), candidates), full, 1).tolist() == [0.0, 1.0]
+    assert hfi.knn_recall(torch.arange(7).expand(2, 7), full, 7).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match=r"m must be an integer in \[1, 7\]"):
+        hfi.knn_recall(candidates, full, 8)
+
+
+def test_topk_orders_candidates():
+    result = knn.KnnScores(torch.tensor([[1.0, -5.0, 3.0]]), torch.tensor([[10, 11, 12]]))
+    top = result.topk(2)
+    assert top.scores.tolist() == [[-5.0, 3.0]] and top.indices.tolist() == [[11, 12]]
+    helpful = result.topk(3, direction="helpful")
+    assert helpful.scores.tolist() == [[3.0, 1.0, -5.0]] and helpful.indices.tolist() == [[12, 10, 11]]
+    assert result.topk(1, direction="harmful").indices.tolist() == [[11]]
+
+
+# ----------------------------------------------------------------------------- embeddings
+def _padded(dataset, count):
+    return PaddingCollator()([dataset[i] for i in range(count)])
+
+
+def _alone(batch, i):
+    """Example ``i`` of a padded batch, padding stripped."""
+    length = int(batch["attention_mask"][i].sum())
+    return torch.as_tensor(batch["input_ids"][i, :length]).unsqueeze(0)
+
+
+@torch.no_grad()
+def _expected(model, batch, state_of):
+    return torch.stack([state_of(model, _alone(batch, i)) for i in range(batch["input_ids"].shape[0])])
+
+
+def _tiny_gpt2_classifier() -> GPT2ForSequenceClassification:
+    config = utils.tiny_gpt2().config
+    config.num_labels = 3
+    return GPT2ForSequenceClassification(config)
+
+
+CASES = {
+    "bert": (utils.tiny_bert, utils.classification_dataset, "classifier_input", lambda m, ids: m.bert(input_ids=ids).pooler_output[0]),
+    "marian": (utils.tiny_marian, utils.seq2seq_dataset, "encoder_mean", lambda m, ids: m.get_encoder()(input_ids=ids).last_hidden_state[0].mean(0)),
+    "t5": (utils.tiny_t5, utils.seq2seq_dataset, "encoder_mean", lambda m, ids: m.get_encoder()(input_ids=ids).last_hidden_state[0].mean(0)),
+    "gpt2-classifier": (_tiny_gpt2_classifier, utils.classification_dataset, "classifier_input",
+                        lambda m, ids: m.transformer(input_ids=ids).last_hidden_state[0, -1]),  # the score head reads the last token
+    "gpt2": (utils.tiny_gpt2, utils.lm_dataset, "last_hidden_mean", lambda m, ids: m.transformer(input_ids=ids).last_hidden_state[0].mean(0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_embeddings_equal_pooling_of_each_example_alone(name):
+    build, make_data, kind, state_of = CASES[name]
+    model, data = build().eval(), make_data(6, seed=3)
+    batch = _padded(data, 6)
+    assert int((batch["attention_mask"] == 0).sum()) > 0  # the batch really is padded
+    assert knn.infer_embedding(model) == kind
+    ours = knn.compute_embeddings(model.train(), data, batch_size=6, progress=False)  # eval mode is forced inside
+    assert ours.dtype == torch.float32 and model.training
+    torch.testing.assert_close(ours, _expected(model.eval(), batch, state_of), rtol=0, atol=EMBED_ATOL)
+
+
+@pytest.mark.parametrize("build", [utils.tiny_bert, _tiny_gpt2_classifier])
+def test_classifier_input_is_what_the_head_reads(build):
+    """Applying the head's output layer to the embedding gives the model's own logits."""
+    model, data = build().eval(), utils.classification_dataset(6, seed=4)
+    batch = _padded(data, 6)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        from_embedding = knn._classifier_output_layer(model)(knn.compute_embeddings(model, data, batch_size=6, progress=False))
+    torch.testing.assert_close(from_embedding, logits, rtol=0, atol=EMBED_ATOL)
