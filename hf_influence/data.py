@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import torch
@@ -103,3 +105,14 @@ class RandomBatches:
     def sample(self, generator: torch.Generator) -> Batch:
         idx = torch.randperm(len(self.dataset), generator=generator)[: self.batch_size].tolist()
         return self.collate([self.dataset[i] for i in idx])
+
+
+def dataset_fingerprint(data: Any, rows_per_read: int = 1024) -> str:
+    """SHA-256 of the numeric columns' contents, in row order (same rows -> same hash, in any process)."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    digest = hashlib.sha256(f"{len(dataset)}".encode())
+    for start in range(0, len(dataset), rows_per_read):
+        rows = [dataset[i] for i in range(start, min(start + rows_per_read, len(dataset)))]
+        numeric = [{k: torch.as_tensor(v).tolist() for k, v in sorted(row.items()) if _is_numeric(v)} for row in rows]
+        digest.update(json.dumps(numeric).encode())
+    return digest.hexdigest()

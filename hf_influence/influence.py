@@ -284,8 +284,7 @@ class Influence:
         return SubspaceInverse(directions @ h_q, self.damping)
 
     def _lissa(self, hessian_data: Any, lissa: str | LissaConfig) -> LissaInverse:
-        num_examples = len(hessian_data.dataset if isinstance(hessian_data, DataLoader) else hessian_data)
-        config = self._lissa_config(hessian_data, lissa, num_examples)
+        config = self.resolve_lissa_config(hessian_data, lissa)
         stream = RandomBatches(hessian_data, config.batch_size, self._pad_id())
         damping = self.damping if config.damping is None else config.damping
         params, device = self._params(), self._device()
@@ -296,10 +295,16 @@ class Influence:
 
         return LissaInverse(sample_hvp, config, damping, self.progress)
 
-    def _lissa_config(self, hessian_data: Any, lissa: str | LissaConfig, num_examples: int) -> LissaConfig:
+    def resolve_lissa_config(self, hessian_data: Any, lissa: str | LissaConfig = "auto") -> LissaConfig:
+        """The `LissaConfig` that ``lissa`` stands for: itself, the papers' presets at this damping, or
+        ``"auto"``: settings chosen from :meth:`spectrum` of ``hessian_data`` (kept in ``self.last_spectrum``).
+
+        Resolve once and pass the config to several :meth:`s_test` calls to pay for the spectrum once.
+        """
         if isinstance(lissa, LissaConfig):
             return lissa
         if lissa == "auto":
+            num_examples = len(hessian_data.dataset if isinstance(hessian_data, DataLoader) else hessian_data)
             self.last_spectrum = self.spectrum(hessian_data)
             return choose_lissa_config(self.last_spectrum, self.damping, num_examples, seed=self.seed)
         if lissa in ("fastif", "koh_liang"):

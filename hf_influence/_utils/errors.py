@@ -1,33 +1,38 @@
-"""Exceptions raised by hf_influence. Each narrows the built-in it subclasses."""
+"""Exceptions raised by hf_influence. Each narrows the built-in it subclasses and shares one base,
+so callers (the CLI among them) can catch every hf_influence error at once."""
 
 from __future__ import annotations
 
 
-class ParameterSelectionError(ValueError):
+class HfInfluenceError(Exception):
+    """Base of every error hf_influence raises on purpose; its message says what to do."""
+
+
+class ParameterSelectionError(HfInfluenceError, ValueError):
     """The requested parameter selection is empty or malformed."""
 
 
-class TaskInferenceError(TypeError):
+class TaskInferenceError(HfInfluenceError, TypeError):
     """No built-in task fits the model; the user must pass ``task=``."""
 
 
-class InvalidInputError(ValueError):
-    """A batch or dataset cannot be used as given (empty, missing columns, ...)."""
+class InvalidInputError(HfInfluenceError, ValueError):
+    """A batch, dataset, config or path cannot be used as given (empty, missing columns, unknown keys, ...)."""
 
 
-class IncompatibleBasisError(ValueError):
-    """A saved artifact (eigenbasis, index, shard) belongs to another model or selection."""
+class IncompatibleBasisError(HfInfluenceError, ValueError):
+    """A saved artifact (eigenbasis, index, shard, s_test) belongs to another model, selection or configuration."""
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(HfInfluenceError, FloatingPointError):
     """NaN or Inf appeared in a loss, gradient or Hessian-vector product."""
 
 
-class LissaDivergenceError(FloatingPointError):
+class LissaDivergenceError(HfInfluenceError, FloatingPointError):
     """The LiSSA recursion diverged; the message names the setting to change."""
 
 
-class SingularHessianError(FloatingPointError):
+class SingularHessianError(HfInfluenceError, FloatingPointError):
     """``H + λI`` is (numerically) singular, so its inverse is undefined."""
 
 

@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
+from .errors import InvalidInputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -42,3 +44,15 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if raw is None:
         raise ValueError(f"{path} was not written by hf_influence (no 'hf_influence' metadata).")
     return load_file(str(path)), json.loads(raw)
+
+
+def check_writable_dir(path: str | os.PathLike, option: str = "output_dir") -> Path:
+    """Create ``path`` if needed and prove a file can be written there, before any expensive work."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise InvalidInputError(f"{option} {folder} is not writable ({err.strerror}). Pick a folder you can write to.") from None
+    return folder
