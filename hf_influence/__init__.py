@@ -5,11 +5,23 @@ from .engine.ihvp.lissa import LissaConfig
 from .influence import Influence, Method
 from .knn import knn_recall
 from .tasks import CausalLMTask, Seq2SeqTask, SequenceClassificationTask, Task
+from .trainer import (
+    InfluenceSeq2SeqTrainer,
+    InfluenceSeq2SeqTrainingArguments,
+    InfluenceTrainer,
+    InfluenceTrainerMixin,
+    InfluenceTrainingArguments,
+)
 
 __all__ = [
     "ArnoldiBasis",
     "CausalLMTask",
     "Influence",
+    "InfluenceSeq2SeqTrainer",
+    "InfluenceSeq2SeqTrainingArguments",
+    "InfluenceTrainer",
+    "InfluenceTrainerMixin",
+    "InfluenceTrainingArguments",
     "LissaConfig",
     "Method",
     "Seq2SeqTask",

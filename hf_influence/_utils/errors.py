@@ -38,3 +38,11 @@ class SingularHessianError(HfInfluenceError, FloatingPointError):
 
 class StaleIndexError(IncompatibleBasisError):
     """A saved kNN index was built on another model, embedding or training set."""
+
+
+class CorruptShardError(HfInfluenceError, ValueError):
+    """A saved score shard is unreadable, fails its checksum, or belongs to another request."""
+
+
+class TrainerMixinError(HfInfluenceError, TypeError):
+    """``InfluenceTrainerMixin`` was combined with a class that is not a ``transformers.Trainer``, or with arguments it cannot use."""

@@ -20,3 +20,16 @@ def require_faiss() -> ModuleType:
     import faiss
 
     return faiss
+
+
+def is_matplotlib_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require_matplotlib() -> ModuleType:
+    """Import ``matplotlib`` or raise an ``ImportError`` that says how to install it or skip the plots."""
+    if not is_matplotlib_available():
+        raise ImportError("Plots need matplotlib, which is not installed: `pip install matplotlib`, or pass --plots false.")
+    import matplotlib
+
+    return matplotlib
