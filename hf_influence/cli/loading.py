@@ -44,11 +44,21 @@ def _load_tokenizer(path: str) -> Any:
 
 def load_split(source: str, split: str, args: DataArguments, tokenizer: Any, limit: int | None) -> Dataset:
     """One split as a tokenized ``Dataset`` of model-input columns (row order kept)."""
+    return prepare_split(read_split(source, split, args, limit), args, tokenizer, source)
+
+
+def read_split(source: str, split: str, args: DataArguments, limit: int | None) -> Dataset:
+    """One split as stored (all its columns), cut to its first ``limit`` rows."""
     dataset = _read(source, split, args.dataset_config)
     if len(dataset) == 0:
         raise InvalidInputError(f"{source} (split {split!r}) is empty: influence needs at least one example.")
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset
+
+
+def prepare_split(dataset: Dataset, args: DataArguments, tokenizer: Any, source: str) -> Dataset:
+    """The model-input columns of a split read by :func:`read_split`, tokenized if it holds raw text (row order kept)."""
     if args.label_column in dataset.column_names and args.label_column != "labels":
         dataset = dataset.rename_column(args.label_column, "labels")
     if "input_ids" not in dataset.column_names:

@@ -7,6 +7,8 @@ processes (see README).
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import logging
 import os
 import sys
@@ -37,11 +39,42 @@ def _stest():
     return (ModelArguments, DataArguments, InfluenceArguments, StestArguments), run_stest
 
 
+def _fit():
+    from .arguments import DataArguments, InfluenceArguments, ModelArguments
+    from .fit import FitArguments, run_fit
+
+    return (ModelArguments, DataArguments, InfluenceArguments, FitArguments), run_fit
+
+
+def _score():
+    from .arguments import DataArguments, InfluenceArguments, ModelArguments
+    from .score import ScoreArguments, ScoringArguments, run_score
+
+    return (ModelArguments, DataArguments, InfluenceArguments, ScoringArguments, ScoreArguments), run_score
+
+
+def _filter():
+    from .arguments import DataArguments, InfluenceArguments, ModelArguments
+    from .filter import FilterArguments, run_filter
+    from .score import ScoringArguments
+
+    return (ModelArguments, DataArguments, InfluenceArguments, ScoringArguments, FilterArguments), run_filter
+
+
 COMMANDS = {
-    "demo": Command("Embedded default: synthetic NLI task, 10% flipped labels, Arnoldi self-influence, filter, retrain.", _demo),
+    "demo": Command("Embedded default: synthetic NLI task, 10% flipped labels, InfluenceTrainer: Arnoldi self-influence, "
+                    "filter, retrain.", _demo),
+    "fit": Command("Hessian spectrum + Arnoldi eigenbasis of the training loss, fitted once and saved.", _fit),
+    "score": Command("Self-influence of every training row, or test-vs-train scores (--knn k: FastIF); sharded over "
+                     "processes, resumable.", _score),
     "stest": Command("s_test = (H + λI)^-1 ∇L(test) by LiSSA (auto settings, FastIF or Koh & Liang presets), one "
                      "safetensors file per test point, resumable.", _stest),
+    "filter": Command("Drop the most self-influential training rows (likely mislabelled); save the rest with a dataset card.", _filter),
 }
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the command's description as written; show each option's default."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = argv[0]
     dataclass_types, run = COMMANDS[name].load()
-    parser = HfArgumentParser(dataclass_types, prog=f"hf-influence {name}", description=COMMANDS[name].help)
+    description = inspect.getdoc(sys.modules[run.__module__]) or COMMANDS[name].help  # the command module's docstring
+    parser = HfArgumentParser(dataclass_types, prog=f"hf-influence {name}", description=description, formatter_class=_HelpFormatter)
     _show_info_logs()
     try:
         run(*parse_command_args(parser, argv[1:]))
