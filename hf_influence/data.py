@@ -107,12 +107,30 @@ class RandomBatches:
         return self.collate([self.dataset[i] for i in idx])
 
 
-def dataset_fingerprint(data: Any, rows_per_read: int = 1024) -> str:
-    """SHA-256 of the numeric columns' contents, in row order (same rows -> same hash, in any process)."""
+def dataset_fingerprint(data: Any) -> str:
+    """SHA-256 of the numeric columns' contents in row order: the same rows give the same hash in any
+    process, however the dataset was built (``datasets``' own ``_fingerprint`` tracks the operations
+    instead, and can differ for equal contents). A ``datasets.Dataset`` is hashed through Arrow."""
     dataset = data.dataset if isinstance(data, DataLoader) else data
-    digest = hashlib.sha256(f"{len(dataset)}".encode())
-    for start in range(0, len(dataset), rows_per_read):
-        rows = [dataset[i] for i in range(start, min(start + rows_per_read, len(dataset)))]
-        numeric = [{k: torch.as_tensor(v).tolist() for k, v in sorted(row.items()) if _is_numeric(v)} for row in rows]
-        digest.update(json.dumps(numeric).encode())
+    digest = hashlib.sha256(f"rows:{len(dataset)}".encode())
+    if len(dataset) == 0:
+        return digest.hexdigest()
+    columns = sorted(k for k, v in dataset[0].items() if _is_numeric(v))
+    if hasattr(dataset, "select_columns") and hasattr(dataset, "with_format"):
+        digest.update(_arrow_bytes(dataset.select_columns(columns)))
+        return digest.hexdigest()
+    for index in range(len(dataset)):
+        row = dataset[index]
+        digest.update(json.dumps([torch.as_tensor(row[k]).tolist() for k in columns]).encode())
     return digest.hexdigest()
+
+
+def _arrow_bytes(dataset: Any) -> bytes:
+    """The rows of a ``datasets.Dataset`` (row selections applied) as one Arrow IPC stream."""
+    import pyarrow as pa
+
+    table = dataset.with_format("arrow")[:].combine_chunks().replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()

@@ -194,11 +194,20 @@ class Influence:
         ``Influence``'s damping). The last solver run is kept in ``self.last_lissa``.
         """
         precondition = self._lissa(hessian_data, lissa)
+        test_grads = self.gradients(test_data, test_side=True)
         with eval_mode(self.model):
-            test_grads = collect_features(self._grad_fn(self.test_loss), self._loader(test_data), self._device(), "test gradients", self.progress)
             result = precondition(test_grads)
         self.last_lissa = precondition.last_result
         return result
+
+    def gradients(self, data: Any, test_side: bool = False) -> torch.Tensor:
+        """Per-example loss gradients over the selection: ``[N, P]`` (``named_parameters()`` order), fp32 or wider.
+
+        ``test_side=True`` differentiates the task's test-side measurement (the loss unless the task defines one).
+        """
+        loss_fn = self.test_loss if test_side else self.train_loss
+        with eval_mode(self.model):
+            return collect_features(self._grad_fn(loss_fn), self._loader(data), self._device(), "gradients", self.progress)
 
     def spectrum(
         self,

@@ -10,7 +10,6 @@ refuses to serve another model or dataset.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from transformers.utils import logging
 from ._utils.errors import InvalidInputError, StaleIndexError
 from ._utils.imports import require_faiss
 from ._utils.io import load_tensors, save_tensors
-from .data import Batch, make_loader, to_device
+from .data import Batch, dataset_fingerprint, make_loader, to_device
 from .engine.grads import eval_mode
 from .engine.scoring import FeatureFn, pairwise_scores
 from .params import select_parameters
@@ -183,20 +182,6 @@ def model_fingerprint(model: nn.Module) -> str:
 def dataset_of(data: Any) -> Any:
     """The dataset behind ``data`` (a ``DataLoader``'s ``dataset``, else ``data`` itself)."""
     return data.dataset if isinstance(data, DataLoader) else data
-
-
-def dataset_fingerprint(data: Any) -> str:
-    """``datasets.Dataset._fingerprint`` when present, else a SHA-256 over the length and every row."""
-    dataset = dataset_of(data)
-    fingerprint = getattr(dataset, "_fingerprint", None)
-    if fingerprint:
-        return f"datasets:{fingerprint}"
-    digest = hashlib.sha256(f"rows:{len(dataset)}".encode())
-    for index in range(len(dataset)):
-        for key, value in sorted(dataset[index].items()):
-            digest.update(key.encode())
-            digest.update(value.encode() if isinstance(value, str) else torch.as_tensor(value).cpu().numpy().tobytes())
-    return f"sha256:{digest.hexdigest()}"
 
 
 # ----------------------------------------------------------------------------- the index

@@ -12,7 +12,7 @@ from transformers import GPT2ForSequenceClassification
 import hf_influence as hfi
 from hf_influence import knn
 from hf_influence._utils.errors import InvalidInputError, StaleIndexError
-from hf_influence.data import PaddingCollator
+from hf_influence.data import PaddingCollator, dataset_fingerprint
 from tests import utils
 
 EMBED_ATOL = 1e-5  # padded-batch pooling vs each example alone (fp32)
@@ -162,9 +162,21 @@ def test_missing_faiss_gives_an_install_hint(setup, monkeypatch):
 def test_row_hash_fingerprint_for_plain_datasets():
     rows = [{"input_ids": [3, 4, 5], "labels": 1}, {"input_ids": [6, 7], "labels": 0}]
     changed = [rows[0], {"input_ids": [6, 8], "labels": 0}]
-    assert knn.dataset_fingerprint(rows) == knn.dataset_fingerprint(copy.deepcopy(rows))
-    assert knn.dataset_fingerprint(rows) != knn.dataset_fingerprint(changed)
-    assert knn.dataset_fingerprint(rows) != knn.dataset_fingerprint(rows[:1])
+    assert dataset_fingerprint(rows) == dataset_fingerprint(copy.deepcopy(rows))
+    assert dataset_fingerprint(rows) != dataset_fingerprint(changed)
+    assert dataset_fingerprint(rows) != dataset_fingerprint(rows[:1])
+
+
+def test_fingerprint_follows_contents_not_history():
+    """The Arrow path: equal rows built two ways hash alike; a selection hashes as its rows; a label change shows."""
+    from datasets import Dataset
+
+    rows = {"input_ids": [[3, 4, 5], [6, 7], [8]], "labels": [1, 0, 2], "text": ["a", "b", "c"]}
+    built = Dataset.from_dict(rows)
+    mapped = Dataset.from_dict({**rows, "labels": [0, 0, 0]}).map(lambda row, i: {"labels": rows["labels"][i]}, with_indices=True)
+    assert dataset_fingerprint(built) == dataset_fingerprint(mapped)
+    assert dataset_fingerprint(built.select([0, 2])) == dataset_fingerprint(Dataset.from_dict({k: [v[0], v[2]] for k, v in rows.items()}))
+    assert dataset_fingerprint(built) != dataset_fingerprint(Dataset.from_dict({**rows, "labels": [1, 0, 0]}))
 
 
 # ----------------------------------------------------------------------------- recall and top-k

@@ -92,39 +92,48 @@ class LissaConfig:
 
 
 def choose_lissa_config(
-    spectrum: Spectrum, damping: float, num_examples: int, target_error: float = 1e-2, margin: float = 2.0, seed: int = 0
+    spectrum: Spectrum, damping: float, num_examples: int, target_error: float = 0.05, min_batch: int = 512, seed: int = 0
 ) -> LissaConfig:
     """LiSSA settings from the Hessian spectrum, each with its reason logged.
 
-    - scale ``s = margin · (λ_max + λ)``: the recursion contracts only when ``s > λ_max(H_B) + λ``,
-      and minibatch Hessians overshoot ``λ_max(H)``;
-    - batch ``B ≈ tr(H) / λ_max`` (Klochkov & Liu): below it minibatch curvature noise dominates;
+    - batch ``B = min(N, max(tr(H)/λ_max, min_batch))``: below ``tr(H)/λ_max`` minibatch curvature
+      noise dominates (Klochkov & Liu); above it, larger batches still cut the noise (∝ 1/B) and so
+      the repeats, at little cost per HVP until the hardware is busy, hence the floor ``min_batch``;
+    - scale ``s = m · λ_max + λ``: the recursion contracts only when ``s > λ_max(H_B) + λ``. A
+      minibatch Hessian overshoots ``λ_max(H)`` by ~``λ_max·sqrt(tr(H)/(λ_max·B))`` (matrix
+      concentration), so ``m = 1.1 + 2·sqrt(tr(H)/(λ_max·B))`` (at most 2); with the full batch only
+      the estimate's own error is left: ``m = 1.05`` plus the Ritz residual;
     - steps ``J = s / μ_min · ln(1/ε)`` with ``μ_min = λ_min + λ``: the slowest mode decays as ``(1 - μ_min/s)^J``;
-    - repeats: rounds of 2 until the relative standard error of the mean is under 0.1 (Pearson ≈ 0.995
-      with the converged value), at most 16 (1 if ``B = N``: no sampling noise);
+      ``ε = 0.05`` leaves a relative error that keeps Pearson with the exact s_test above 0.99;
+    - repeats: 1 with the full batch (no sampling noise); else rounds of 2 until the relative standard
+      error of the mean is under 0.1, at most 16;
     - early stop when the iterate's relative change is under ``ε · μ_min / s``.
     """
     damping = check_damping(damping)
     floor = spectrum.lambda_min if spectrum.lambda_min is not None else 0.0
-    mu_min, mu_max = floor + damping, spectrum.lambda_max + damping
+    mu_min = floor + damping
     if mu_min <= 0:
         raise ValueError(
             f"H + λI is not positive definite (λ_min = {floor:.4g}, damping = {damping}): LiSSA cannot converge. "
             f"Use damping > {-floor:.4g}, or the Arnoldi / exact methods."
         )
-    scale = margin * mu_max
-    batch = int(min(num_examples, max(1, math.ceil(spectrum.effective_rank))))
-    steps = int(min(1_000_000, max(10, math.ceil(scale / mu_min * math.log(1 / target_error)))))
+    batch = int(min(num_examples, max(math.ceil(spectrum.effective_rank), min_batch)))
     full_batch = batch == num_examples
+    if full_batch:
+        margin = 1.05 + spectrum.lambda_max_error / max(spectrum.lambda_max, 1e-30)
+    else:
+        margin = min(2.0, 1.1 + 2 * math.sqrt(spectrum.effective_rank / batch))
+    scale = margin * spectrum.lambda_max + damping
+    steps = int(min(1_000_000, max(10, math.ceil(scale / mu_min * math.log(1 / target_error)))))
     config = LissaConfig(
         scale=scale, steps=steps, repeats=1 if full_batch else 2, batch_size=batch, damping=damping, seed=seed,
         tolerance=target_error * mu_min / scale, max_repeats=None if full_batch else 16,
         variance_tolerance=0.1, restarts=1,
     )
     logger.info(
-        f"LiSSA auto settings from {spectrum}: scale={scale:.4g} (= {margin}·(λ_max+λ)), batch_size={batch} "
-        f"(≈ tr(H)/λ_max = {spectrum.effective_rank:.1f}, capped at N={num_examples}), steps={steps} "
-        f"(condition (λ_max+λ)/(λ_min+λ) = {mu_max / mu_min:.1f}, target error {target_error}), "
+        f"LiSSA auto settings from {spectrum}: batch_size={batch} (max(tr(H)/λ_max = {spectrum.effective_rank:.1f}, "
+        f"{min_batch}), capped at N={num_examples}), scale={scale:.4g} (= {margin:.3g}·λ_max + λ), steps={steps} "
+        f"(condition (λ_max+λ)/(λ_min+λ) = {(spectrum.lambda_max + damping) / mu_min:.1f}, target error {target_error}), "
         f"repeats={'1 (full batch: no sampling noise)' if full_batch else '2 per round up to 16, until rel. std. error < 0.1'}."
     )
     return config

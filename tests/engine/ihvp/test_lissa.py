@@ -57,12 +57,18 @@ def test_choose_config_follows_the_spectrum():
     from hf_influence.engine.ihvp.lissa import choose_lissa_config
     from hf_influence.engine.spectrum import Spectrum
 
-    spectrum = Spectrum(lambda_max=1.0, lambda_max_error=0.0, trace=20.0, trace_stderr=0.0, hvps=0, lambda_min=-0.05, lambda_min_error=0.0)
-    config = choose_lissa_config(spectrum, damping=0.1, num_examples=1000, target_error=1e-2)
-    assert config.scale == pytest.approx(2 * 1.1)
-    assert config.batch_size == 20  # tr(H) / λ_max
-    assert config.steps == math.ceil(2.2 / 0.05 * math.log(100.0))
+    spectrum = Spectrum(lambda_max=1.0, lambda_max_error=0.01, trace=20.0, trace_stderr=0.0, hvps=0, lambda_min=-0.05, lambda_min_error=0.0)
+    config = choose_lissa_config(spectrum, damping=0.1, num_examples=1000, target_error=1e-2, min_batch=16)
+    assert config.batch_size == 20  # tr(H) / λ_max, above the floor
+    margin = 1.1 + 2 * math.sqrt(20 / 20)
+    assert config.scale == pytest.approx(min(2.0, margin) * 1.0 + 0.1)
+    assert config.steps == math.ceil(2.1 / 0.05 * math.log(100.0))
     assert config.max_repeats == 16 and config.restarts == 1
+    floor = choose_lissa_config(spectrum, damping=0.1, num_examples=1000, min_batch=500)
+    assert floor.batch_size == 500 and floor.scale == pytest.approx((1.1 + 2 * math.sqrt(20 / 500)) + 0.1)
+    full = choose_lissa_config(spectrum, damping=0.1, num_examples=300, min_batch=500)
+    assert full.batch_size == 300 and full.repeats == 1 and full.max_repeats is None
+    assert full.scale == pytest.approx(1.05 + 0.01 + 0.1)  # full batch: only the estimate's residual as margin
     with pytest.raises(ValueError, match="damping > 0.05"):
         choose_lissa_config(spectrum, damping=0.01, num_examples=1000)
 
