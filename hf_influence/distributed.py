@@ -163,6 +163,9 @@ def load_shard(plan: ShardPlan, shard: int) -> dict[str, torch.Tensor]:
         raise CorruptShardError(f"{path} belongs to another request or partition (differs in {', '.join(wrong)}).")
     if metadata.get("checksum") != tensors_checksum(tensors):
         raise CorruptShardError(f"{path} fails its checksum: its contents changed after it was written.")
+    lengths = {name: tensor.shape[0] if tensor.dim() else None for name, tensor in tensors.items()}
+    if any(length != len(rows) for length in lengths.values()):
+        raise CorruptShardError(f"{path} holds {lengths} rows per tensor, its partition has {len(rows)}.")
     return tensors
 
 
