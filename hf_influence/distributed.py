@@ -256,18 +256,20 @@ class ShardedScores:
     scores: torch.Tensor | KnnScores | None
 
 
-def check_sharded_method(method: str | Method, basis: ArnoldiBasis | None) -> Method:
-    """Sharded scores reuse one preconditioner: Arnoldi (with a fitted basis) or TracIn (none)."""
-    try:
-        method = Method(method)
-    except ValueError:
-        method = None
-    if method not in SHARDED_METHODS:
+def sharded_method(method: str | Method) -> Method:
+    """``method`` as a `Method` if sharded scoring supports it: one preconditioner serves every shard."""
+    if method not in [m.value for m in SHARDED_METHODS]:  # a str-enum Method compares equal to its value
         raise InvalidInputError(
             f"Sharded scoring supports the methods {[m.value for m in SHARDED_METHODS]}, got {method!r}: exact, LiSSA "
             "and random projection rebuild their preconditioner for every shard. Use Influence.scores(...) in Python "
             "for those, or `hf-influence stest` for LiSSA."
         )
+    return Method(method)
+
+
+def check_sharded_method(method: str | Method, basis: ArnoldiBasis | None) -> Method:
+    """:func:`sharded_method`, and Arnoldi only with a fitted basis."""
+    method = sharded_method(method)
     if method is Method.ARNOLDI and basis is None:
         raise InvalidInputError("method='arnoldi' needs a fitted basis: fit one first (`hf-influence fit`, or trainer.fit_influence()).")
     return method
@@ -348,8 +350,9 @@ def sharded_scores(
     """``inf.scores(test_data, train_data, knn=knn)`` in partitions saved under ``root``, resumable.
 
     Without ``knn`` the training rows are partitioned and each shard holds ``[rows, n_test]``
-    scores; with ``knn=k`` the test rows are partitioned (each shard holds the ``[rows, k]``
-    scores and candidate indices), and every rank builds the same exact kNN index once.
+    scores (the test features are recomputed for every shard: keep shards large next to the test
+    set); with ``knn=k`` the test rows are partitioned (each shard holds the ``[rows, k]`` scores
+    and candidate indices), and every rank builds the same exact kNN index once.
     Arguments as in :func:`sharded_self_influence`.
 
     Returns:

@@ -11,11 +11,18 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.utils import logging
 
 from .._utils.errors import TrainerMixinError
+from ..distributed import (
+    broadcast_from_main,
+    is_main_process,
+    sharded_method,
+    sharded_scores,
+    sharded_self_influence,
+    wait_for_everyone,
+)
 from ..engine.ihvp.arnoldi import ArnoldiBasis, basis_exists, basis_save_path
 from ..influence import Influence, Method
 from ..knn import KnnScores, select_rows
 from ..metrics import check_filter_rule, noisy_mask
-from ..distributed import broadcast_from_main, is_main_process, sharded_scores, sharded_self_influence, wait_for_everyone
 from .arguments import InfluenceArgumentsMixin
 
 logger = logging.get_logger(__name__)
@@ -100,7 +107,7 @@ class InfluenceTrainerMixin:
         """
         settings = self._influence_settings()
         dataset = self._dataset_or_train(dataset, "self_influence")
-        method = Method(method or settings.influence_method)
+        method = sharded_method(method or settings.influence_method)
         result = sharded_self_influence(
             self._influence_facade(), self._influence_loader(dataset), self._influence_root() / "shards", method,
             self._influence_basis(method), settings.influence_shard_size, self.accelerator, progress=not self.args.disable_tqdm,
@@ -124,7 +131,7 @@ class InfluenceTrainerMixin:
         """
         settings = self._influence_settings()
         train_dataset = self._dataset_or_train(train_dataset, "influence")
-        method = Method(method or settings.influence_method)
+        method = sharded_method(method or settings.influence_method)
         result = sharded_scores(
             self._influence_facade(), self._influence_loader(test_dataset), self._influence_loader(train_dataset),
             self._influence_root() / "shards", method, self._influence_basis(method), knn, settings.influence_shard_size,

@@ -1,0 +1,114 @@
+"""Scoring throughput of ``hf-influence score`` (Arnoldi self-influence) with 2 processes vs 1, side by side.
+
+    python benchmarks/scaling.py [--rows 2048] [--hidden 128] [--layers 2] [--seq-len 64] [--rounds 3]
+
+Builds a BERT from config and a random training set on disk, fits one Arnoldi basis, then runs the
+real command line under ``torchrun`` in alternating rounds, each into a fresh output folder:
+
+- ``1 process x 1 thread``   (the baseline),
+- ``2 processes x 1 thread`` (the sharded run: each rank takes every other shard),
+- ``1 process x 2 threads``  (for reference: what intra-op threading alone gives on the same cores).
+
+Threads are pinned with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` and ``torch.set_num_threads``
+follows them, so the 2-process run uses exactly as many threads per process as the baseline.
+Throughput is rows / ``scoring_seconds`` from ``influence_config.json``: the sharded scoring from
+planning to merged result, including the barrier and the merge, excluding process start-up, model
+loading and file writing (reported apart). Medians over rounds; the machine's load average is
+printed before and after, since other jobs share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+import hf_influence as hfi  # noqa: E402
+
+SETUPS = {"1 process x 1 thread": (1, 1), "2 processes x 1 thread": (2, 1), "1 process x 2 threads": (1, 2)}
+
+
+def build(args, root: Path) -> None:
+    """Model, training set and basis on disk."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
+                        intermediate_size=4 * args.hidden, max_position_embeddings=max(128, args.seq_len), num_labels=3)
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(5, args.vocab, (args.rows, args.seq_len))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * args.seq_len] * args.rows,
+                              "labels": (ids[:, 0] % 3).tolist()})
+    model.save_pretrained(root / "model")
+    data.save_to_disk(str(root / "train"))
+    inf = hfi.Influence(model, batch_size=args.batch_size, progress=False)
+    inf.fit_arnoldi(data.select(range(args.batch_size)), rank=args.rank, iterations=args.rank + 5).save(root / "basis")
+
+
+def score_once(args, root: Path, processes: int, threads: int, out: Path) -> dict:
+    """One ``hf-influence score`` run under torchrun; the figures it recorded."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "hf_influence.cli.main", "score", "--model_name_or_path", str(root / "model"), "--train_data", str(root / "train"),
+               "--basis_path", str(root / "basis"), "--output_dir", str(out), "--batch_size", str(args.batch_size),
+               "--shard_size", str(args.shard_size), "--no_plots"]
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    figures = json.loads((out / "influence_config.json").read_text())["score"]["result"]
+    figures["wall_seconds"] = time.perf_counter() - start
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()}  ({os.cpu_count()} CPUs)")
+    runs: dict[str, list[dict]] = {name: [] for name in SETUPS}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        build(args, root)
+        for round_ in range(args.rounds):
+            for name, (processes, threads) in SETUPS.items():
+                runs[name].append(score_once(args, root, processes, threads, root / f"out-{round_}-{processes}-{threads}"))
+                print(f"round {round_ + 1}: {name}: {runs[name][-1]['scoring_seconds']:.2f}s scoring", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    report(runs, args)
+
+
+def report(runs: dict[str, list[dict]], args) -> None:
+    base = statistics.median(r["scoring_seconds"] for r in runs["1 process x 1 thread"])
+    params = sum(p.numel() for p in BertForSequenceClassification(BertConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
+        intermediate_size=4 * args.hidden, num_labels=3)).parameters())
+    print(f"\n{args.rows} rows, BERT hidden {args.hidden} x {args.layers} layers ({params:,} parameters, all scored), seq len "
+          f"{args.seq_len}, batch {args.batch_size}, shards of {args.shard_size}, Arnoldi rank {args.rank}; medians of {args.rounds} rounds")
+    print(f"| setup | scoring s | rows/s | speed-up | whole command s |\n|---|---:|---:|---:|---:|")
+    for name, results in runs.items():
+        seconds = statistics.median(r["scoring_seconds"] for r in results)
+        wall = statistics.median(r["wall_seconds"] for r in results)
+        print(f"| {name} | {seconds:.2f} | {args.rows / seconds:.1f} | {base / seconds:.2f} | {wall:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
