@@ -25,5 +25,6 @@ def test_demo_end_to_end(tmp_path):
 
 def test_cli_help_and_unknown_command(capsys):
     assert main(["--help"]) == 0
-    assert all(name in capsys.readouterr().out for name in ("demo", "fit", "score", "stest", "filter"))
+    listing = capsys.readouterr().out
+    assert all(f"  {name} " in listing for name in ("demo", "fit", "score", "stest", "filter"))
     assert main(["no-such-command"]) == 2
