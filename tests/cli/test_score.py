@@ -41,8 +41,12 @@ def score(bert_on_disk, out, *extra):
     return main(["score", "--config", str(bert_on_disk / "score.yaml"), "--output_dir", str(out), *extra])
 
 
+def column(table, name):
+    return torch.tensor(table[name].to_numpy().copy())
+
+
 def merged_self_influence(out):
-    return torch.from_numpy(pd.read_parquet(out / "self_influence.parquet")["self_influence"].to_numpy().copy())
+    return column(pd.read_parquet(out / "self_influence.parquet"), "self_influence")
 
 
 def shard_files(out):
@@ -77,14 +81,14 @@ def test_pairwise_and_knn_files_equal_the_api(bert_on_disk, api, tmp_path):
     assert score(bert_on_disk, out, "--kind", "pairwise") == 0
     table = pd.read_parquet(out / "scores.parquet")
     full = torch.zeros(12, 48, dtype=torch.float64)
-    full[table["test_index"].to_numpy(), table["train_index"].to_numpy()] = torch.tensor(table["score"].to_numpy())
+    full[column(table, "test_index"), column(table, "train_index")] = column(table, "score")
     assert len(table) == 12 * 48
     torch.testing.assert_close(full, api["pairwise"], atol=API_ATOL, rtol=0)
 
     assert score(bert_on_disk, out, "--kind", "pairwise", "--knn", "6", "--shard_size", "5") == 0
     table = pd.read_parquet(out / "scores.parquet").sort_values(["test_index", "neighbor_rank"])
-    assert torch.equal(torch.tensor(table["train_index"].to_numpy()).reshape(12, 6), api["knn"].indices)
-    torch.testing.assert_close(torch.tensor(table["score"].to_numpy()).reshape(12, 6), api["knn"].scores, atol=API_ATOL, rtol=0)
+    assert torch.equal(column(table, "train_index").reshape(12, 6), api["knn"].indices)
+    torch.testing.assert_close(column(table, "score").reshape(12, 6), api["knn"].scores, atol=API_ATOL, rtol=0)
 
 
 def test_stopped_run_resumes_without_recomputing(bert_on_disk, api, tmp_path):
