@@ -92,13 +92,14 @@ class LissaConfig:
 
 
 def choose_lissa_config(
-    spectrum: Spectrum, damping: float, num_examples: int, target_error: float = 0.05, min_batch: int = 512, seed: int = 0
+    spectrum: Spectrum, damping: float, num_examples: int, target_error: float = 0.05, min_batch: int = 64, seed: int = 0
 ) -> LissaConfig:
     """LiSSA settings from the Hessian spectrum, each with its reason logged.
 
     - batch ``B = min(N, max(tr(H)/λ_max, min_batch))``: below ``tr(H)/λ_max`` minibatch curvature
-      noise dominates (Klochkov & Liu); above it, larger batches still cut the noise (∝ 1/B) and so
-      the repeats, at little cost per HVP until the hardware is busy, hence the floor ``min_batch``;
+      noise dominates (Klochkov & Liu). Beyond that, B and the repeats T trade evenly (the variance
+      goes as 1/(B·T), the cost as B·T) except through the scale margin below, which shrinks slowly
+      with B; ``min_batch`` keeps that margin moderate (≈1.5) without paying for huge batches;
     - scale ``s = m · λ_max + λ``: the recursion contracts only when ``s > λ_max(H_B) + λ``. A
       minibatch Hessian overshoots ``λ_max(H)`` by ~``λ_max·sqrt(tr(H)/(λ_max·B))`` (matrix
       concentration), so ``m = 1.1 + 2·sqrt(tr(H)/(λ_max·B))`` (at most 2); with the full batch only

@@ -64,7 +64,7 @@ def test_choose_config_follows_the_spectrum():
     assert config.scale == pytest.approx(min(2.0, margin) * 1.0 + 0.1)
     assert config.steps == math.ceil(2.1 / 0.05 * math.log(100.0))
     assert config.max_repeats == 16 and config.restarts == 1
-    floor = choose_lissa_config(spectrum, damping=0.1, num_examples=1000, min_batch=500)
+    floor = choose_lissa_config(spectrum, damping=0.1, num_examples=1000, min_batch=500)  # the floor binds
     assert floor.batch_size == 500 and floor.scale == pytest.approx((1.1 + 2 * math.sqrt(20 / 500)) + 0.1)
     full = choose_lissa_config(spectrum, damping=0.1, num_examples=300, min_batch=500)
     assert full.batch_size == 300 and full.repeats == 1 and full.max_repeats is None
