@@ -1,13 +1,13 @@
 """Scoring throughput of ``hf-influence score`` (Arnoldi self-influence) with 2 processes vs 1, side by side.
 
-    python benchmarks/scaling.py [--rows 2048] [--hidden 128] [--layers 2] [--seq-len 64] [--rounds 3]
+    python benchmarks/scaling.py [--rows 2048] [--hidden 128] [--layers 2] [--seq-len 64] [--rounds 3] [--compare-threads]
 
 Builds a BERT from config and a random training set on disk, fits one Arnoldi basis, then runs the
 real command line under ``torchrun`` in alternating rounds, each into a fresh output folder:
 
 - ``1 process x 1 thread``   (the baseline),
 - ``2 processes x 1 thread`` (the sharded run: each rank takes every other shard),
-- ``1 process x 2 threads``  (for reference: what intra-op threading alone gives on the same cores).
+- with ``--compare-threads``, ``1 process x 2 threads`` (what intra-op threading alone gives on the same cores).
 
 Threads are pinned with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` and ``torch.set_num_threads``
 follows them, so the 2-process run uses exactly as many threads per process as the baseline.
@@ -37,7 +37,8 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import hf_influence as hfi  # noqa: E402
 
-SETUPS = {"1 process x 1 thread": (1, 1), "2 processes x 1 thread": (2, 1), "1 process x 2 threads": (1, 2)}
+SETUPS = {"1 process x 1 thread": (1, 1), "2 processes x 1 thread": (2, 1)}
+THREADS_SETUP = {"1 process x 2 threads": (1, 2)}
 
 
 def build(args, root: Path) -> None:
@@ -82,14 +83,16 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--rank", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compare-threads", action="store_true", help="also run 1 process with 2 threads")
     args = parser.parse_args()
+    setups = {**SETUPS, **(THREADS_SETUP if args.compare_threads else {})}
     print(f"load average before: {os.getloadavg()}  ({os.cpu_count()} CPUs)")
-    runs: dict[str, list[dict]] = {name: [] for name in SETUPS}
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         build(args, root)
         for round_ in range(args.rounds):
-            for name, (processes, threads) in SETUPS.items():
+            for name, (processes, threads) in setups.items():
                 runs[name].append(score_once(args, root, processes, threads, root / f"out-{round_}-{processes}-{threads}"))
                 print(f"round {round_ + 1}: {name}: {runs[name][-1]['scoring_seconds']:.2f}s scoring", flush=True)
     print(f"load average after: {os.getloadavg()}")

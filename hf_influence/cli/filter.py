@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from huggingface_hub import DatasetCard, DatasetCardData
 
+from ..distributed import wait_for_everyone
 from ..metrics import check_filter_rule, noisy_mask
 from .arguments import DataArguments, InfluenceArguments, ModelArguments
 from .outputs import noise_labels, print_table, save_dataset, update_run_config
@@ -43,6 +44,7 @@ def run_filter(model_args: ModelArguments, data_args: DataArguments, inf_args: I
     """Score self-influence (resuming), write the filtered dataset and its card, print a summary; return it."""
     start = time.perf_counter()
     job = load_job(model_args, data_args, inf_args, scoring)
+    wait_for_everyone(job.accelerator)  # scoring time starts when every rank has loaded
     scoring_start = time.perf_counter()
     result = score_self_influence(job)
     summary = shard_summary(result, time.perf_counter() - scoring_start)

@@ -29,7 +29,15 @@ import torch
 from .. import ArnoldiBasis, Influence
 from .._utils.errors import IncompatibleBasisError, InvalidInputError
 from .._utils.io import check_writable_dir
-from ..distributed import SHARDED_METHODS, ShardedScores, is_main_process, sharded_scores, sharded_self_influence, start_processes
+from ..distributed import (
+    SHARDED_METHODS,
+    ShardedScores,
+    is_main_process,
+    sharded_scores,
+    sharded_self_influence,
+    start_processes,
+    wait_for_everyone,
+)
 from ..engine.ihvp.arnoldi import basis_exists, basis_save_path
 from ..knn import KnnScores
 from ..metrics import noise_detection_metrics
@@ -142,6 +150,7 @@ def run_score(model_args: ModelArguments, data_args: DataArguments, inf_args: In
     """Score, merge and write the outputs (main process); print a summary table and return it."""
     start = time.perf_counter()
     job = load_job(model_args, data_args, inf_args, scoring, needs_test=args.kind == "pairwise")
+    wait_for_everyone(job.accelerator)  # scoring time starts when every rank has loaded
     scoring_start = time.perf_counter()
     if args.kind == "self":
         result = score_self_influence(job)
