@@ -7,7 +7,9 @@ rank ``r`` takes every ``world``-th entry. Each partition is saved as one safete
 atomically (tmp + rename), with the request hash and a checksum of its tensors in the metadata.
 Shards live in a folder named after the hash of everything the scores depend on, so results of
 different configurations never meet, and a rerun, with any number of processes, computes only
-what is missing.
+what is missing. A run refuses to start beside an unfinished run of another configuration (a
+changed setting would otherwise silently start over), and SIGINT / SIGTERM stop it after the
+shard in progress.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import functools
 import hashlib
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,12 +28,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ._utils.errors import CorruptShardError, InvalidInputError
-from ._utils.io import atomic_path, load_tensors, save_tensors
+from ._utils.errors import CorruptShardError, IncompatibleBasisError, InvalidInputError, NonFiniteError, RunInterrupted
+from ._utils.io import atomic_path, check_writable_dir, load_tensors, save_tensors
 from .data import dataset_fingerprint
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .influence import Influence, Method
-from .knn import KnnScores, build_index, dataset_of, select_rows
+from .inputs import check_examples
+from .knn import KnnScores, build_index, check_num_neighbors, dataset_of, select_rows
 
 logger = logging.get_logger(__name__)
 
@@ -222,25 +227,92 @@ def compute_shards(
     """
     if max_shards is not None and max_shards < 1:
         raise InvalidInputError(f"max_shards must be >= 1 (or None for all), got {max_shards}.")
+    check_writable_dir(plan.folder.parent, "The shard folder")
+    check_no_unfinished_run(plan)  # on every rank, so that all of them stop alike
     pending = broadcast_from_main(_pending_shards(plan) if is_main_process(accelerator) else None, accelerator)
     todo = pending if max_shards is None else pending[:max_shards]
     rank = 0 if accelerator is None else accelerator.process_index
     processes = 1 if accelerator is None else accelerator.num_processes
     mine = todo[rank::processes]
     bar = tqdm(mine, desc=f"{plan.request['kind']} shards", unit="shard", disable=not (progress and is_main_process(accelerator)))
-    for shard in bar:
-        save_shard(plan, shard, compute(plan.rows(shard)))
+    with StopRequests() as stop:
+        for done, shard in enumerate(bar, start=1):
+            tensors = _compute_shard(plan, shard, compute)
+            _write_request(plan)
+            save_shard(plan, shard, tensors)
+            if stop.received is not None:
+                raise RunInterrupted(
+                    f"Stopped by {stop.received} after shard {shard}: this process saved {done} of its {len(mine)} shard(s) "
+                    f"in {plan.folder}. Rerun the same command to continue; only the missing shards are computed."
+                )
     wait_for_everyone(accelerator)
     return ShardReport(plan, todo, plan.num_shards - len(pending), len(pending) - len(todo), processes)
 
 
+def _compute_shard(plan: ShardPlan, shard: int, compute: Callable[[range], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``compute`` for one partition; a NaN/Inf error names the partition's rows."""
+    rows = plan.rows(shard)
+    try:
+        return compute(rows)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"Shard {shard} (rows {rows.start}-{rows.stop - 1}): {err}") from None
+
+
 def _pending_shards(plan: ShardPlan) -> list[int]:
-    """Partitions without a valid shard file; writes ``request.json`` beside the shards on first use."""
+    """Partitions without a valid shard file."""
+    return [shard for shard in range(plan.num_shards) if not shard_exists(plan, shard)]
+
+
+def _write_request(plan: ShardPlan) -> None:
+    """``request.json`` beside the shards, written with the first one (a failed start leaves no folder)."""
     request_path = plan.folder / REQUEST_FILE
     if not request_path.is_file():
         with atomic_path(request_path) as tmp:
             tmp.write_text(json.dumps({**plan.request, "hash": plan.request_hash}, indent=2, sort_keys=True))
-    return [shard for shard in range(plan.num_shards) if not shard_exists(plan, shard)]
+
+
+def check_no_unfinished_run(plan: ShardPlan) -> None:
+    """Refuse to start beside an unfinished run of the same kind and another request (its ``request.json``
+    tells which settings differ): resuming with a changed setting would silently start over."""
+    for request_path in sorted(plan.folder.parent.glob(f"{plan.request['kind']}-*/{REQUEST_FILE}")):
+        folder = request_path.parent
+        saved = json.loads(request_path.read_text())
+        num_shards = -(-saved["num_rows"] // saved["shard_size"])
+        done = len(list(folder.glob("shard_*.safetensors")))
+        if folder == plan.folder or done >= num_shards:
+            continue
+        differing = sorted(k for k in set(saved) | set(plan.request) if k != "hash" and saved.get(k) != plan.request.get(k))
+        raise IncompatibleBasisError(
+            f"{plan.folder.parent} holds an unfinished {plan.request['kind']} run of another configuration ({folder.name}: "
+            f"{done} of {num_shards} shards saved), which differs from this run in: {', '.join(differing)}. To finish "
+            f"it, rerun with its settings (in {request_path}); to start this run instead, delete {folder} or use "
+            "another output folder."
+        )
+
+
+class StopRequests:
+    """Within the block, SIGINT / SIGTERM are recorded in ``received`` (the signal's name) instead of
+    stopping the process, so that a loop can stop after its current step; a second signal stops at
+    once. Previous handlers come back on exit. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._record) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        self.received = signal.Signals(signum).name
+        logger.warning(f"{self.received} received: stopping after the shard in progress (send it again to stop at once).")
 
 
 # ----------------------------------------------------------------------------- scoring jobs
@@ -322,6 +394,7 @@ def sharded_self_influence(
         `ShardedScores` whose ``scores`` is ``[N]`` (fp32, fp64 for fp64 models; high = likely noisy).
     """
     method = check_sharded_method(method, basis)
+    check_examples(train_data, inf.limits, "training data")
     plan = ShardPlan.create(root, "self_influence", scoring_request(inf, method, basis, train=train_data),
                             len(dataset_of(train_data)), shard_size)
 
@@ -360,6 +433,10 @@ def sharded_scores(
         positive = the training example helps) or a `KnnScores` with ``knn=k``.
     """
     method = check_sharded_method(method, basis)
+    check_examples(train_data, inf.limits, "training data")
+    check_examples(test_data, inf.limits, "test data")
+    if knn is not None:
+        check_num_neighbors(knn, len(dataset_of(train_data)))
     request = {**scoring_request(inf, method, basis, train=train_data, test=test_data), "knn": knn}
     if knn is None:
         plan = ShardPlan.create(root, "scores", request, len(dataset_of(train_data)), shard_size)

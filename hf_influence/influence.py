@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from typing import Any, Sequence
 
@@ -10,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils import logging
 
-from ._utils.errors import InvalidInputError
+from ._utils.errors import InvalidInputError, TaskInferenceError
 from .data import RandomBatches, make_loader, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
@@ -30,6 +31,7 @@ from .engine.scoring import (
     random_subspace,
     self_scores,
 )
+from .inputs import check_examples, input_limits
 from .knn import KnnIndex, KnnScores, build_index, check_in_order, check_num_neighbors, dataset_of, score_candidates
 from .params import select_parameters
 from .tasks import Task, infer_task
@@ -45,6 +47,25 @@ class Method(str, Enum):
     ARNOLDI = "arnoldi"
     TRACIN = "tracin"
     RANDPROJ = "randproj"
+
+
+def _refuses_autocast(method):
+    """Run a public entry point only outside ``torch.autocast`` (see ``Influence._check_precision``)."""
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        self._check_precision()
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
+def as_method(method: str | Method) -> Method:
+    """``method`` as a `Method`, or an error listing the valid names."""
+    try:
+        return Method(method)
+    except ValueError:
+        raise InvalidInputError(f"method must be one of {[m.value for m in Method]}, got {method!r}.") from None
 
 
 class Influence:
@@ -83,14 +104,15 @@ class Influence:
         progress: bool = True,
     ):
         if projection not in ("auto", "jvp", "grads"):
-            raise ValueError(f"projection must be 'auto', 'jvp' or 'grads', got {projection!r}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise InvalidInputError(f"projection must be 'auto', 'jvp' or 'grads', got {projection!r}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}.")
         self.model = model
         self.task = task if task is not None else infer_task(model)
         if not callable(getattr(self.task, "per_example_loss", None)):
-            raise TypeError(f"task must have a per_example_loss(model, batch) method; got {type(self.task).__name__}.")
+            raise TaskInferenceError(f"task must have a per_example_loss(model, batch) method; got {type(self.task).__name__}.")
         self.selection = select_parameters(model, params, last_n_layers)
+        self.limits = input_limits(model, self.task)
         self.damping = check_damping(damping)
         self.batch_size, self.seed, self.projection, self.progress = batch_size, seed, projection, progress
         self.memory_budget = memory_budget_gb * 2**30
@@ -100,10 +122,14 @@ class Influence:
         self.last_lissa = None  # LissaResult of the last s_test
 
     # ----------------------------------------------------------------- public surface
+    @_refuses_autocast
     def fit_arnoldi(self, hessian_data: Any, rank: int = 20, iterations: int = 100, seed: int | None = None) -> ArnoldiBasis:
         """Fit the top-``rank`` Hessian eigenpairs with ``iterations`` Arnoldi steps (one HVP pass each)."""
         if not 1 <= rank <= iterations:
-            raise ValueError(f"Need 1 <= rank <= iterations, got rank={rank}, iterations={iterations}: raise iterations.")
+            raise InvalidInputError(f"Need 1 <= rank <= iterations, got rank={rank}, iterations={iterations}: raise iterations.")
+        if rank > self.selection.num_params:
+            raise InvalidInputError(f"rank={rank} exceeds the {self.selection.num_params} selected parameters: lower rank.")
+        self._check_data(**{"Hessian data": hessian_data})
         batches = self._materialize(hessian_data)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         params = self._params()
@@ -120,6 +146,7 @@ class Influence:
             int(hessenberg.shape[1]), self.selection.fingerprint(self.model), type(self.model).__name__,
         )
 
+    @_refuses_autocast
     def scores(
         self,
         test_data: Any,
@@ -143,11 +170,12 @@ class Influence:
         `hf_influence.knn.KnnIndex` over ``train_data`` (built on the fly when ``None``; refused if it
         was built on another model or training set).
         """
-        method = Method(method)
+        method = as_method(method)
+        self._check_data(**{"test data": test_data, "training data": train_data, "Hessian data": hessian_data})
         if knn is not None:
             return self._knn_scores(test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank)
         if index is not None:
-            raise ValueError("index= is only used with knn=k: pass knn (the number of candidates per test example), or drop index.")
+            raise InvalidInputError("index= is only used with knn=k: pass knn (the number of candidates per test example), or drop index.")
         precondition, train_fn, test_fn = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
             test_features = collect_features(test_fn, make_loader(test_data, self.batch_size, self._pad_id()), self._device(), "test features", self.progress)
@@ -171,6 +199,7 @@ class Influence:
         index.check_compatible(self.model, train_data)
         return index
 
+    @_refuses_autocast
     def self_influence(
         self,
         train_data: Any,
@@ -181,11 +210,13 @@ class Influence:
         rank: int = 20,
     ) -> torch.Tensor:
         """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
-        method = Method(method)
+        method = as_method(method)
+        self._check_data(**{"training data": train_data, "Hessian data": hessian_data})
         precondition, train_fn, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
             return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress)
 
+    @_refuses_autocast
     def s_test(self, test_data: Any, hessian_data: Any, lissa: str | LissaConfig = "auto") -> torch.Tensor:
         """``(H + λI)^-1 ∇L(z_test)`` by LiSSA for each test example: ``[n_test, P]`` (``named_parameters()`` order).
 
@@ -193,6 +224,7 @@ class Influence:
         ``choose_lissa_config``), ``"fastif"`` or ``"koh_liang"`` (the papers' settings at this
         ``Influence``'s damping). The last solver run is kept in ``self.last_lissa``.
         """
+        self._check_data(**{"test data": test_data, "Hessian data": hessian_data})
         precondition = self._lissa(hessian_data, lissa)
         test_grads = self.gradients(test_data, test_side=True)
         with eval_mode(self.model):
@@ -200,15 +232,18 @@ class Influence:
         self.last_lissa = precondition.last_result
         return result
 
+    @_refuses_autocast
     def gradients(self, data: Any, test_side: bool = False) -> torch.Tensor:
         """Per-example loss gradients over the selection: ``[N, P]`` (``named_parameters()`` order), fp32 or wider.
 
         ``test_side=True`` differentiates the task's test-side measurement (the loss unless the task defines one).
         """
+        self._check_data(data=data)
         loss_fn = self.test_loss if test_side else self.train_loss
         with eval_mode(self.model):
             return collect_features(self._grad_fn(loss_fn), self._loader(data), self._device(), "gradients", self.progress)
 
+    @_refuses_autocast
     def spectrum(
         self,
         hessian_data: Any,
@@ -230,7 +265,8 @@ class Influence:
                 this many examples (``None``: all); each HVP is a pass over them.
         """
         if method not in ("lanczos", "power") or trace_estimator not in ("hutch++", "hutchinson"):
-            raise ValueError(f"method must be 'lanczos' or 'power' and trace_estimator 'hutch++' or 'hutchinson'; got {method!r}, {trace_estimator!r}.")
+            raise InvalidInputError(f"method must be 'lanczos' or 'power' and trace_estimator 'hutch++' or 'hutchinson'; got {method!r}, {trace_estimator!r}.")
+        self._check_data(**{"Hessian data": hessian_data})
         batches = self._materialize(self._subset(hessian_data, max_examples))
         params = self._params()
         dtype, device, num = accumulation_dtype(params), self._device(), self.selection.num_params
@@ -249,10 +285,31 @@ class Influence:
             trace, stderr = estimator(hvp, num, trace_matvecs, generator, dtype, device)
         return Spectrum(top, top_err, trace, stderr, hvps + trace_matvecs, **extremes)
 
+    @_refuses_autocast
     def exact_hessian(self, hessian_data: Any) -> torch.Tensor:
         """The explicit ``[P, P]`` Hessian of the mean loss (small parameter sets only)."""
+        self._check_data(**{"Hessian data": hessian_data})
         with eval_mode(self.model):
             return explicit_hessian(self.train_loss, self._params(), self._materialize(hessian_data), progress=self.progress)
+
+    # ----------------------------------------------------------------- checks
+    def _check_data(self, **data_by_role: Any) -> None:
+        """Refuse data the model cannot use (missing columns, too long, foreign token ids, no targets)."""
+        for role, data in data_by_role.items():
+            if data is not None:
+                check_examples(data, self.limits, role)
+
+    def _check_precision(self) -> None:
+        """Refuse mixed precision: under ``torch.autocast`` the gradients and HVPs would run in half precision."""
+        device = self._device().type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            raise InvalidInputError(
+                f"Mixed precision is on (torch.autocast on {device}, {dtype}): gradients and Hessian-vector products "
+                f"would run in {dtype}, and inverting the Hessian magnifies that error by its condition number. Call "
+                "hf_influence outside the autocast block (e.g. outside accelerator.autocast()); it accumulates in "
+                "float32 on its own."
+            )
 
     # ----------------------------------------------------------------- wiring
     def _method_parts(self, method, train_data, hessian_data, basis, lissa, rank) -> tuple[Preconditioner, FeatureFn, FeatureFn]:
@@ -282,7 +339,7 @@ class Influence:
 
     def _random_directions(self, rank: int) -> torch.Tensor:
         if not 1 <= rank <= self.selection.num_params:
-            raise ValueError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
+            raise InvalidInputError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
         generator = torch.Generator().manual_seed(self.seed)
         return random_subspace(self.selection.num_params, rank, generator, accumulation_dtype(self._params())).to(self._device())
 
@@ -300,7 +357,7 @@ class Influence:
 
         def sample_hvp(vectors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             with eval_mode(self.model):
-                return batch_hvp(self.train_loss, params, to_device(stream.sample(generator), device), vectors)
+                return batch_hvp(self.train_loss, params, to_device(stream.sample(generator), device), vectors, where="a LiSSA minibatch")
 
         return LissaInverse(sample_hvp, config, damping, self.progress)
 
@@ -318,7 +375,7 @@ class Influence:
             return choose_lissa_config(self.last_spectrum, self.damping, num_examples, seed=self.seed)
         if lissa in ("fastif", "koh_liang"):
             return getattr(LissaConfig, lissa)(damping=self.damping, seed=self.seed)
-        raise ValueError(f"lissa must be a LissaConfig, 'auto', 'fastif' or 'koh_liang'; got {lissa!r}.")
+        raise InvalidInputError(f"lissa must be a LissaConfig, 'auto', 'fastif' or 'koh_liang'; got {lissa!r}.")
 
     def _subset(self, data: Any, max_examples: int | None) -> Any:
         """A seeded random subset of at most ``max_examples`` examples (the data itself if smaller)."""

@@ -85,7 +85,7 @@ def select_parameters(
     if last_n_layers is not None:
         keep = _last_layers_filter(model, last_n_layers)
     elif params is not None:
-        patterns = [re.compile(p) for p in ([params] if isinstance(params, str) else params)]
+        patterns = _compile_patterns([params] if isinstance(params, str) else list(params))
         keep = lambda name: any(p.search(name) for p in patterns)  # noqa: E731
     else:
         keep = lambda name: True  # noqa: E731
@@ -97,6 +97,20 @@ def select_parameters(
             f"parameter. Names look like: {sample}, ... Fix the regexes (matched with re.search)."
         )
     return ParamSelection(tuple(n for n, _ in chosen), tuple(tuple(p.shape) for _, p in chosen))
+
+
+def _compile_patterns(patterns: list[str]) -> list[re.Pattern]:
+    """The name regexes, compiled; a malformed one is refused with the regex error."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError) as err:
+            raise ParameterSelectionError(
+                f"params entry {pattern!r} is not a valid regular expression ({err}). Escape special characters "
+                r"(e.g. 'classifier\.weight') or pass a list of strings."
+            ) from None
+    return compiled
 
 
 def _last_layers_filter(model: nn.Module, k: int):

@@ -23,8 +23,8 @@ class Task(Protocol):
 
     ``per_example_loss(model, batch)`` returns a float tensor of shape ``[B]``. A task may also
     define ``per_example_measurement(model, batch) -> Tensor[B]`` for the test side (defaults to
-    the loss) and ``mask_kind`` (``"bidirectional"`` or ``"causal"``) to let per-example gradients
-    run vectorised over padded batches.
+    the loss), ``mask_kind`` (``"bidirectional"`` or ``"causal"``) to let per-example gradients
+    run vectorised over padded batches, and ``required_columns`` (checked before any work).
     """
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
@@ -42,6 +42,7 @@ class SequenceClassificationTask:
     """Cross-entropy (single label), squared error (regression) or summed BCE (multi-label)."""
 
     mask_kind: MaskKind = "bidirectional"
+    required_columns: tuple[str, ...] = ("input_ids", "labels")
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -59,6 +60,7 @@ class Seq2SeqTask:
     """Summed token cross-entropy of the target sequence (Marian, T5, BART, ...)."""
 
     mask_kind: MaskKind = "bidirectional"
+    required_columns: tuple[str, ...] = ("input_ids", "labels")
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"]
@@ -72,6 +74,7 @@ class CausalLMTask:
     """Summed next-token cross-entropy. Without ``labels``, ``input_ids`` with padding masked out."""
 
     mask_kind: MaskKind = "causal"
+    required_columns: tuple[str, ...] = ("input_ids",)
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -46,3 +46,7 @@ class CorruptShardError(HfInfluenceError, ValueError):
 
 class TrainerMixinError(HfInfluenceError, TypeError):
     """``InfluenceTrainerMixin`` was combined with a class that is not a ``transformers.Trainer``, or with arguments it cannot use."""
+
+
+class RunInterrupted(HfInfluenceError):
+    """SIGINT or SIGTERM stopped a sharded run after the shard in progress; a rerun continues it."""

@@ -12,10 +12,11 @@ from ..data import Batch, batch_size_of
 from .grads import LossFunction, Params, accumulation_dtype, check_finite
 
 
-def batch_hvp(loss_fn: LossFunction, params: Params, batch: Batch, vectors: torch.Tensor) -> torch.Tensor:
+def batch_hvp(loss_fn: LossFunction, params: Params, batch: Batch, vectors: torch.Tensor, where: str = "a minibatch") -> torch.Tensor:
     """``H_B V`` for the Hessian ``H_B`` of the batch's mean loss; ``vectors`` is ``[P, k]`` → ``[P, k]``.
 
-    Forward-over-reverse (``jvp`` of ``grad``), vectorised over the k columns, fp32 or wider.
+    Forward-over-reverse (``jvp`` of ``grad``), vectorised over the k columns, fp32 or wider. ``where``
+    names the batch in the error raised on NaN/Inf.
     """
     dtype = next(iter(params.values())).dtype
     tangents = loss_fn.selection.unflatten(vectors.T.to(dtype))  # each [k, *shape]
@@ -25,7 +26,7 @@ def batch_hvp(loss_fn: LossFunction, params: Params, batch: Batch, vectors: torc
 
     out = vmap(one)(tangents)
     result = loss_fn.selection.flatten(out, batch_dims=1).T.to(accumulation_dtype(params))  # [P, k]
-    return check_finite(result, "a Hessian-vector product", f"batch of {batch_size_of(batch)} examples")
+    return check_finite(result, "a Hessian-vector product", f"{where}, {batch_size_of(batch)} examples")
 
 
 def dataset_hvp(
@@ -33,9 +34,9 @@ def dataset_hvp(
 ) -> torch.Tensor:
     """``H V`` for the Hessian of the mean loss over all examples in ``batches``: ``[P, k]``."""
     total, count = None, 0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         size = batch_size_of(batch)
-        part = batch_hvp(loss_fn, params, batch, vectors) * size
+        part = batch_hvp(loss_fn, params, batch, vectors, where=f"Hessian data batch {index}") * size
         total = part if total is None else total + part
         count += size
     return total / count

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 
-from ..._utils.errors import IncompatibleBasisError
+from ..._utils.errors import IncompatibleBasisError, InvalidInputError
 from ..._utils.io import load_tensors, save_tensors
 from .base import check_damping
 
@@ -24,7 +24,7 @@ def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> tuple[t
     """Top-``rank`` eigenpairs by |λ|: eigenvalues ``[rank]``, unit eigenvectors ``[rank, P]``."""
     m = hessenberg.shape[1]
     if rank > m:
-        raise ValueError(f"rank={rank} exceeds the {m} Arnoldi iterations completed; lower rank or raise iterations.")
+        raise InvalidInputError(f"rank={rank} exceeds the {m} Arnoldi iterations completed; lower rank or raise iterations.")
     square = hessenberg[:m, :m].double()
     eigenvalues, eigenvectors = torch.linalg.eigh((square + square.T) / 2)
     order = eigenvalues.abs().argsort(descending=True)[:rank]

@@ -6,6 +6,8 @@ from typing import Protocol
 
 import torch
 
+from ..._utils.errors import InvalidInputError
+
 
 class Preconditioner(Protocol):
     """Applies a symmetric operator ``A`` to each row: ``[n, d] -> [n, d]``.
@@ -20,7 +22,7 @@ class Preconditioner(Protocol):
 def check_damping(damping: float) -> float:
     """Damping is additive (the solvers target ``(H + λI)^-1``) and must be >= 0."""
     if not isinstance(damping, (int, float)) or damping != damping or damping < 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"damping must be a number >= 0 (the solver targets (H + damping·I)^-1), got {damping!r}. "
             "For FastIF's (damp, scale) pair use damping = damp * scale."
         )

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..._utils import comm
-from ..._utils.errors import LissaDivergenceError
+from ..._utils.errors import InvalidInputError, LissaDivergenceError
 from ..spectrum import Spectrum
 from .base import check_damping
 
@@ -68,16 +68,16 @@ class LissaConfig:
 
     def __post_init__(self):
         if not self.scale > 0:
-            raise ValueError(f"LissaConfig.scale must be > 0 (and above λ_max + λ), got {self.scale}.")
+            raise InvalidInputError(f"LissaConfig.scale must be > 0 (and above λ_max + λ), got {self.scale}.")
         for name in ("steps", "repeats", "batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"LissaConfig.{name} must be >= 1, got {getattr(self, name)}.")
+                raise InvalidInputError(f"LissaConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.damping is not None:
             check_damping(self.damping)
         if self.max_repeats is not None and self.max_repeats < self.repeats:
-            raise ValueError(f"LissaConfig.max_repeats ({self.max_repeats}) must be >= repeats ({self.repeats}).")
+            raise InvalidInputError(f"LissaConfig.max_repeats ({self.max_repeats}) must be >= repeats ({self.repeats}).")
         if self.restarts < 0:
-            raise ValueError(f"LissaConfig.restarts must be >= 0, got {self.restarts}.")
+            raise InvalidInputError(f"LissaConfig.restarts must be >= 0, got {self.restarts}.")
 
     @classmethod
     def koh_liang(cls, damping: float | None = 0.0, **overrides) -> "LissaConfig":
@@ -114,7 +114,7 @@ def choose_lissa_config(
     floor = spectrum.lambda_min if spectrum.lambda_min is not None else 0.0
     mu_min = floor + damping
     if mu_min <= 0:
-        raise ValueError(
+        raise InvalidInputError(
             f"H + λI is not positive definite (λ_min = {floor:.4g}, damping = {damping}): LiSSA cannot converge. "
             f"Use damping > {-floor:.4g}, or the Arnoldi / exact methods."
         )
