@@ -112,11 +112,13 @@ class ShardPlan:
     request: dict
 
     @classmethod
-    def create(cls, root: str | os.PathLike, kind: str, request: dict, num_rows: int, shard_size: int) -> "ShardPlan":
+    def create(cls, root: str | os.PathLike, kind: str, request: dict, num_rows: int, shard_size: int,
+               rows_of: str = "data") -> "ShardPlan":
+        """The plan of a ``kind`` run over ``num_rows`` rows of ``rows_of`` (named in the error when there are none)."""
         if shard_size < 1:
             raise InvalidInputError(f"shard_size must be >= 1 row, got {shard_size}.")
         if num_rows < 1:
-            raise InvalidInputError(f"Nothing to score: the {kind} data has no rows.")
+            raise InvalidInputError(f"Nothing to score: the {rows_of} has no rows. Pass at least one example.")
         request = {**request, "kind": kind, "num_rows": num_rows, "shard_size": shard_size}
         return cls(Path(root) / f"{kind}-{request_hash(request)[:16]}", num_rows, shard_size, request)
 
@@ -396,7 +398,7 @@ def sharded_self_influence(
     method = check_sharded_method(method, basis)
     check_examples(train_data, inf.limits, "training data")
     plan = ShardPlan.create(root, "self_influence", scoring_request(inf, method, basis, train=train_data),
-                            len(dataset_of(train_data)), shard_size)
+                            len(dataset_of(train_data)), shard_size, "training data")
 
     def compute(rows: range) -> dict[str, torch.Tensor]:
         return {"self_influence": inf.self_influence(select_rows(train_data, list(rows)), method=method, basis=basis)}
@@ -439,12 +441,12 @@ def sharded_scores(
         check_num_neighbors(knn, len(dataset_of(train_data)))
     request = {**scoring_request(inf, method, basis, train=train_data, test=test_data), "knn": knn}
     if knn is None:
-        plan = ShardPlan.create(root, "scores", request, len(dataset_of(train_data)), shard_size)
+        plan = ShardPlan.create(root, "scores", request, len(dataset_of(train_data)), shard_size, "training data")
 
         def compute(rows: range) -> dict[str, torch.Tensor]:
             return {"scores": inf.scores(test_data, select_rows(train_data, list(rows)), method=method, basis=basis).T}
     else:
-        plan = ShardPlan.create(root, "knn_scores", request, len(dataset_of(test_data)), shard_size)
+        plan = ShardPlan.create(root, "knn_scores", request, len(dataset_of(test_data)), shard_size, "test data")
 
         @functools.cache
         def knn_index() -> Any:  # built on the first shard this rank computes, then reused

@@ -85,6 +85,10 @@ def _check_column(values: Any, column: str, limits: InputLimits, role: str) -> N
             f"{int(lengths.max())} tokens, the model's position embeddings cover {limits.max_positions}. Truncate when "
             f"tokenizing (truncation=True, max_length={limits.max_positions}; on the command line --max_length)."
         )
+    if lengths is not None and column in TOKEN_COLUMNS and (empty := lengths == 0).any():
+        raise InvalidInputError(
+            f"The {role} has empty sequences: {column} of {_rows(empty)} holds no token. Drop those rows (dataset.filter)."
+        )
     if column in TOKEN_COLUMNS and limits.vocab_size is not None:
         _check_token_ids(flat, rows, len(values), column, limits.vocab_size, role)
     if column == "labels" and integer:

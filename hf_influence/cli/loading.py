@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import transformers
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
@@ -50,10 +50,11 @@ def load_split(source: str, split: str, args: DataArguments, tokenizer: Any, lim
 def read_split(source: str, split: str, args: DataArguments, limit: int | None) -> Dataset:
     """One split as stored (all its columns), cut to its first ``limit`` rows."""
     dataset = _read(source, split, args.dataset_config)
-    if len(dataset) == 0:
-        raise InvalidInputError(f"{source} (split {split!r}) is empty: influence needs at least one example.")
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        kept = "" if limit is None else f" once cut to its first {limit} rows"
+        raise InvalidInputError(f"{source} (split {split!r}) is empty{kept}: influence needs at least one example.")
     return dataset
 
 
@@ -69,12 +70,12 @@ def prepare_split(dataset: Dataset, args: DataArguments, tokenizer: Any, source:
 def _read(source: str, split: str, config: str | None) -> Dataset:
     path = Path(source)
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
-        loaded = load_from_disk(str(path))
+        loaded = _unreadable_as_error(source, lambda: load_from_disk(str(path)))
     elif path.is_file():
         if path.suffix not in _FILE_FORMATS:
             raise InvalidInputError(f"{source}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_FORMATS)}.")
         extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        return load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train", **extra)
+        return _unreadable_as_error(source, lambda: load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train", **extra))
     elif path.exists() or source.startswith((".", "/")):
         raise InvalidInputError(f"{source}: not a save_to_disk folder nor a data file. Pass a folder written by "
                                 "Dataset.save_to_disk, or a csv/jsonl/parquet/txt file.")
@@ -90,9 +91,18 @@ def _read(source: str, split: str, config: str | None) -> Dataset:
     return loaded
 
 
+def _unreadable_as_error(source: str, read: Callable[[], Any]) -> Any:
+    """``read()``; whatever ``datasets`` raises for a file or folder it cannot read becomes one clear error."""
+    try:
+        return read()
+    except Exception as err:  # datasets raises many types (an empty file or save_to_disk folder among the causes)
+        raise InvalidInputError(
+            f"{source} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}). Check that it holds at least "
+            "one example: influence needs one, and datasets cannot read an empty file or an empty save_to_disk folder."
+        ) from None
+
+
 def _tokenize(dataset: Dataset, args: DataArguments, tokenizer: Any, source: str) -> Dataset:
-    if tokenizer is None:
-        raise InvalidInputError(f"{source} holds raw text but no tokenizer was found: pass --tokenizer_name_or_path.")
     needed = [c for c in (args.text_column, args.text_pair_column, args.target_column) if c]
     missing = [c for c in needed if c not in dataset.column_names]
     if missing:
@@ -100,6 +110,8 @@ def _tokenize(dataset: Dataset, args: DataArguments, tokenizer: Any, source: str
             f"{source}: column(s) {missing} not found; it has {dataset.column_names}. Set --text_column / "
             "--text_pair_column / --target_column / --label_column to its column names."
         )
+    if tokenizer is None:
+        raise InvalidInputError(f"{source} holds raw text but no tokenizer was found: pass --tokenizer_name_or_path.")
 
     def encode(rows: dict[str, list]) -> dict[str, list]:
         pair = rows[args.text_pair_column] if args.text_pair_column else None
