@@ -72,7 +72,7 @@ def score(run: dict) -> torch.Tensor | KnnScores:
 
 
 @pytest.mark.filterwarnings("ignore")
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(runs())
 def test_random_runs_score_or_stop_with_a_catalogued_error(run):
     try:
