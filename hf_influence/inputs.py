@@ -1,8 +1,9 @@
 """Checks on the examples a run is given, made before any work: columns, lengths, token ids, labels.
 
-A ``datasets.Dataset`` (or a ``DataLoader`` over one) is checked column by column through Arrow:
-the cost is a scan of its token and label columns, not a forward pass. Other data (a ``DataLoader``
-over a torch dataset) is not scanned.
+A ``datasets.Dataset`` is checked column by column through Arrow: the cost is a scan of its token
+and label columns, not a forward pass. So is a ``DataLoader`` over one that batches with
+``PaddingCollator``. Other data is not scanned: a ``DataLoader`` with its own collator (the
+Trainer's, say) may rename, add or truncate columns on the way.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ._utils.errors import InvalidInputError
+from .data import PaddingCollator
 from .tasks import SequenceClassificationTask
 
 TOKEN_COLUMNS = ("input_ids", "decoder_input_ids")
@@ -54,6 +56,8 @@ def input_limits(model: nn.Module, task: Any) -> InputLimits:
 
 def check_examples(data: Any, limits: InputLimits, role: str) -> None:
     """Raise `InvalidInputError` naming the rows of ``data`` the model cannot use, and how to fix them."""
+    if isinstance(data, DataLoader) and not isinstance(data.collate_fn, PaddingCollator):
+        return
     dataset = data.dataset if isinstance(data, DataLoader) else data
     if not (hasattr(dataset, "column_names") and hasattr(dataset, "with_format")) or len(dataset) == 0:
         return
