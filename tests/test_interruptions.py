@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+import hf_influence as hfi
 from hf_influence._utils.errors import RunInterrupted
 from hf_influence.cli.main import main
 from hf_influence.distributed import ShardPlan, compute_shards, merge_shards, shard_save_path
@@ -124,3 +125,25 @@ def test_sigint_stops_after_the_shard_in_progress(tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
     assert compute_shards(plan, compute, progress=False).computed == [2, 3, 4]
     assert torch.equal(merge_shards(plan)["value"], torch.arange(10, dtype=torch.float64))
+
+
+def test_sigint_stops_stest_after_the_group_in_progress(config, monkeypatch, capsys, tmp_path):
+    out, stest = tmp_path / "stest", tmp_path / "stest.yaml"
+    settings = {key: value for key, value in yaml.safe_load(config.read_text()).items() if key not in ("method", "shard_size", "plots")}
+    stest.write_text(yaml.safe_dump({**settings, "test_data": settings["train_data"], "max_test_examples": 3, "points_per_solve": 1,
+                                     "lissa": "manual", "scale": 10.0, "steps": 5, "lissa_batch_size": 4}))
+    solve = hfi.Influence.s_test
+
+    def interrupted_solve(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first group is solved
+        monkeypatch.setattr(hfi.Influence, "s_test", solve)
+        return solve(self, *args, **kwargs)
+
+    monkeypatch.setattr(hfi.Influence, "s_test", interrupted_solve)
+    assert main(["stest", "--config", str(stest), "--output_dir", str(out)]) == 1
+    assert "error: Stopped by SIGINT after 1 of 3 group(s) of test points" in capsys.readouterr().err
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("s_test/s_test_*.safetensors")}
+    assert list(first) == ["s_test_0000000.safetensors"]
+    assert main(["stest", "--config", str(stest), "--output_dir", str(out)]) == 0
+    saved = {p.name: p.stat().st_mtime_ns for p in out.glob("s_test/s_test_*.safetensors")}
+    assert len(saved) == 3 and saved["s_test_0000000.safetensors"] == first["s_test_0000000.safetensors"]

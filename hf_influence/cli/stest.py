@@ -3,8 +3,9 @@ file per test point, resumable.
 
 Test points are solved in fixed groups of ``points_per_solve`` (group g holds points
 ``[g·K, (g+1)·K)``), so a rerun computes exactly what a fresh run would: finished groups are
-skipped, unfinished ones recomputed whole. Under ``torchrun`` / ``accelerate launch`` the LiSSA
-repeats are spread over the processes and rank 0 writes the files.
+skipped, unfinished ones recomputed whole; SIGINT / SIGTERM stop the run after the group in
+progress. Under ``torchrun`` / ``accelerate launch`` the LiSSA repeats are spread over the
+processes and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import Influence, LissaConfig
-from .._utils.errors import IncompatibleBasisError, InvalidInputError
+from .._utils.errors import IncompatibleBasisError, InvalidInputError, RunInterrupted
 from .._utils.io import atomic_path, check_writable_dir, load_tensors, save_tensors
 from ..data import dataset_fingerprint
-from ..distributed import start_processes
+from ..distributed import StopRequests, start_processes
 from .arguments import DataArguments, InfluenceArguments, ModelArguments
 from .loading import load_model, load_split
 
@@ -96,12 +97,16 @@ def run_stest(model_args: ModelArguments, data_args: DataArguments, inf_args: In
     if accelerator is not None:
         accelerator.wait_for_everyone()  # every rank has planned before rank 0 writes anything
     hvps = 0
-    for group in tqdm(todo, desc="s_test groups", disable=not is_main):
-        vectors = inf.s_test(test.select(group), train, lissa=config)  # [k, P]
-        hvps += inf.last_lissa.hvps
-        if is_main:
-            for index, vector in zip(group, vectors):
-                save_stest(inf_args.output_dir, index, vector, {"request_hash": request["hash"], "row_hash": row_hashes[index]})
+    with StopRequests() as stop:
+        for done, group in enumerate(tqdm(todo, desc="s_test groups", disable=not is_main), start=1):
+            vectors = inf.s_test(test.select(group), train, lissa=config)  # [k, P]
+            hvps += inf.last_lissa.hvps
+            if is_main:
+                for index, vector in zip(group, vectors):
+                    save_stest(inf_args.output_dir, index, vector, {"request_hash": request["hash"], "row_hash": row_hashes[index]})
+            if stop.received is not None:
+                raise RunInterrupted(f"Stopped by {stop.received} after {done} of {len(todo)} group(s) of test points; their "
+                                     "s_test files are saved. Rerun the same command to continue.")
     if accelerator is not None:
         accelerator.wait_for_everyone()
     summary = {"test_points": len(test), "computed": sum(len(g) for g in todo), "skipped": len(test) - sum(len(g) for g in todo),
