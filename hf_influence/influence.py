@@ -60,7 +60,7 @@ def _refuses_autocast(method):
     return checked
 
 
-def as_method(method: str | Method) -> Method:
+def _as_method(method: str | Method) -> Method:
     """``method`` as a `Method`, or an error listing the valid names."""
     try:
         return Method(method)
@@ -88,6 +88,10 @@ class Influence:
         projection (`str`, defaults to `"auto"`): ``"jvp"``, ``"grads"`` or ``"auto"`` (cheaper one).
         memory_budget_gb (`float`, defaults to `2.0`): bound on per-example gradient memory.
         progress (`bool`, defaults to `True`): show tqdm bars.
+
+    Every public method first checks its data against the model and task (``self.limits``: columns,
+    sequence lengths, token ids, labels; see `hf_influence.inputs`) and refuses to run under
+    ``torch.autocast``, raising an `HfInfluenceError` that says what to change.
     """
 
     def __init__(
@@ -170,7 +174,7 @@ class Influence:
         `hf_influence.knn.KnnIndex` over ``train_data`` (built on the fly when ``None``; refused if it
         was built on another model or training set).
         """
-        method = as_method(method)
+        method = _as_method(method)
         self._check_data(**{"test data": test_data, "training data": train_data, "Hessian data": hessian_data})
         if knn is not None:
             return self._knn_scores(test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank)
@@ -210,7 +214,7 @@ class Influence:
         rank: int = 20,
     ) -> torch.Tensor:
         """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
-        method = as_method(method)
+        method = _as_method(method)
         self._check_data(**{"training data": train_data, "Hessian data": hessian_data})
         precondition, train_fn, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
