@@ -1,28 +1,34 @@
 """``hf-influence demo``: the embedded default. No network, no files needed, minutes on a CPU.
 
-Generates a small NLI-style task, trains a word-level tokenizer and a tiny BERT on it with 10% of
-the training labels flipped, fits an Arnoldi basis, ranks training pairs by self-influence,
-reports how well each method finds the flipped pairs, removes the top-ranked fraction and
-retrains to compare accuracy.
+Generates a small NLI-style task, trains a word-level tokenizer, flips 10% of the training labels,
+and trains a tiny BERT with `InfluenceTrainer`. Through the trainer it then fits an Arnoldi basis
+(``fit_influence``), ranks training pairs by self-influence (``self_influence``), reports how well
+each ranking finds the flipped pairs (AUC, AP), removes the top-ranked fraction
+(``filter_noisy``) and retrains to compare test accuracy before and after. Everything lands in
+``--output_dir``: the basis and score shards under ``noisy/influence/``, plots and a summary.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, PrinterCallback
 
-from .. import Influence
+from .._utils.errors import InvalidInputError
 from .._utils.io import atomic_path
-from ..data import make_loader
 from ..metrics import noise_detection_metrics
+from ..plots import plot_histogram, plot_precision_recall
+from ..trainer import InfluenceTrainer, InfluenceTrainingArguments
+from .outputs import ROW_INDEX
 
 NOUNS = "cat dog bird horse child woman man farmer teacher doctor pilot chef artist singer player".split()
 OBJECTS = "ball book apple car guitar letter boat cake kite lamp phone river song table wall".split()
@@ -36,12 +42,15 @@ LABELS = ["entailment", "neutral", "contradiction"]
 class DemoArguments:
     """Settings of the embedded demo (all defaulted)."""
 
-    output_dir: str = field(default="hf_influence_demo", metadata={"help": "Where the basis and summary are written."})
+    output_dir: str = field(default="hf_influence_demo", metadata={"help": "Where the trainers' outputs, plots and summary are written."})
     num_train: int = field(default=1200, metadata={"help": "Training pairs generated."})
     num_test: int = field(default=300, metadata={"help": "Held-out pairs for accuracy."})
     noise_fraction: float = field(default=0.1, metadata={"help": "Fraction of training labels flipped."})
     filter_fraction: float = field(default=0.1, metadata={"help": "Fraction removed by self-influence before retraining."})
     epochs: int = field(default=30, metadata={"help": "Training epochs (each run)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate (10% warm-up, linear decay)."})
+    retrain_seeds: int = field(default=3, metadata={
+        "help": "Training runs (seeds seed, seed+1, ...) averaged for each accuracy: one tiny-BERT run swings by several points."})
     rank: int = field(default=20, metadata={"help": "Arnoldi rank p̄."})
     iterations: int = field(default=40, metadata={"help": "Arnoldi iterations n."})
     hessian_examples: int = field(default=256, metadata={"help": "Training pairs whose mean loss defines the Hessian."})
@@ -50,9 +59,13 @@ class DemoArguments:
     def __post_init__(self):
         for name in ("noise_fraction", "filter_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+                raise InvalidInputError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
         if self.num_train < 20 or self.num_test < 1:
-            raise ValueError("--num_train must be >= 20 and --num_test >= 1.")
+            raise InvalidInputError("--num_train must be >= 20 and --num_test >= 1.")
+        if self.retrain_seeds < 1 or self.epochs < 1:
+            raise InvalidInputError(f"--retrain_seeds and --epochs must be >= 1, got {self.retrain_seeds} and {self.epochs}.")
+        if not 1 <= self.rank <= self.iterations:
+            raise InvalidInputError(f"Need 1 <= --rank <= --iterations, got {self.rank} and {self.iterations}.")
 
 
 def make_pair(rng: random.Random) -> tuple[str, str, int]:
@@ -81,13 +94,11 @@ def build_tokenizer(texts: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def make_dataset(pairs: list[tuple[str, str, int]], tokenizer: Tokenizer) -> Dataset:
-    encodings = [tokenizer.encode(p, h) for p, h, _ in pairs]
-    return Dataset.from_dict({
-        "premise": [p for p, _, _ in pairs], "hypothesis": [h for _, h, _ in pairs],
-        "input_ids": [e.ids for e in encodings], "token_type_ids": [e.type_ids for e in encodings],
-        "attention_mask": [e.attention_mask for e in encodings], "labels": [lab for _, _, lab in pairs],
-    })
+def make_dataset(pairs: list[tuple[str, str, int]], tokenizer: PreTrainedTokenizerFast) -> Dataset:
+    """Text, tokenized pairs, labels and each pair's ``row_index``."""
+    premises, hypotheses = [p for p, _, _ in pairs], [h for _, h, _ in pairs]
+    return Dataset.from_dict({"premise": premises, "hypothesis": hypotheses, **tokenizer(premises, hypotheses),
+                              "labels": [lab for _, _, lab in pairs], ROW_INDEX: list(range(len(pairs)))})
 
 
 def flip_labels(dataset: Dataset, fraction: float, rng: random.Random) -> tuple[Dataset, list[bool]]:
@@ -97,78 +108,117 @@ def flip_labels(dataset: Dataset, fraction: float, rng: random.Random) -> tuple[
     return dataset.remove_columns("labels").add_column("labels", labels), [i in flipped for i in range(len(dataset))]
 
 
-def train_model(dataset: Dataset, vocab_size: int, args: DemoArguments) -> BertForSequenceClassification:
-    torch.manual_seed(args.seed)
+def fast_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer as a transformers tokenizer, so the Trainer pads with ``DataCollatorWithPadding``."""
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def build_trainer(dataset: Dataset, tokenizer: PreTrainedTokenizerFast, output_dir: Path, args: DemoArguments, seed: int) -> InfluenceTrainer:
+    """A fresh tiny BERT initialised from ``seed`` in an `InfluenceTrainer`, which trains it and scores its data."""
+    torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=32, num_labels=3, pad_token_id=0, attn_implementation="eager",
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=32, num_labels=3, pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
     )
-    model = BertForSequenceClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    model.train()
-    generator = torch.Generator().manual_seed(args.seed)
-    for _ in range(args.epochs):
-        for batch in torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=True, generator=generator, collate_fn=make_loader(dataset, 32).collate_fn):
-            optimizer.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-    return model.eval()
+    training = InfluenceTrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=args.epochs, per_device_train_batch_size=32, per_device_eval_batch_size=64,
+        learning_rate=args.learning_rate, warmup_steps=0.1, lr_scheduler_type="linear", weight_decay=0.01, seed=seed, use_cpu=True,
+        report_to="none", save_strategy="no", logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
+        influence_rank=args.rank, influence_iterations=args.iterations, influence_hessian_examples=args.hessian_examples,
+        influence_batch_size=32, influence_shard_size=256, influence_seed=args.seed,
+    )
+    trainer = InfluenceTrainer(model=BertForSequenceClassification(config), args=training, train_dataset=dataset, processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)  # the demo prints its own stage lines
+    return trainer
 
 
-@torch.no_grad()
-def accuracy(model: BertForSequenceClassification, dataset: Dataset) -> float:
-    correct = sum(int((model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1) == b["labels"]).sum()) for b in make_loader(dataset, 64))
-    return correct / len(dataset)
+def train_runs(dataset: Dataset, tokenizer: PreTrainedTokenizerFast, test: Dataset, output_dir: Path, args: DemoArguments) -> tuple[InfluenceTrainer, list[float]]:
+    """Train ``retrain_seeds`` models on ``dataset``; the first run's trainer and every run's test accuracy."""
+    first, accuracies = None, []
+    for seed in range(args.seed, args.seed + args.retrain_seeds):
+        trainer = build_trainer(dataset, tokenizer, output_dir, args, seed)
+        trainer.train()
+        accuracies.append(accuracy(trainer, test))
+        first = trainer if first is None else first
+    return first, accuracies
 
 
-@torch.no_grad()
-def per_example_loss(model: BertForSequenceClassification, dataset: Dataset) -> torch.Tensor:
-    losses = [torch.nn.functional.cross_entropy(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"], reduction="none") for b in make_loader(dataset, 64)]
-    return torch.cat(losses)
+def predictions(trainer: InfluenceTrainer, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, 3]`` and labels ``[N]`` of ``dataset`` under the trainer's model."""
+    output = trainer.predict(dataset)
+    return torch.as_tensor(output.predictions), torch.as_tensor(output.label_ids)
+
+
+def accuracy(trainer: InfluenceTrainer, dataset: Dataset) -> float:
+    logits, labels = predictions(trainer, dataset)
+    return float((logits.argmax(-1) == labels).double().mean())
+
+
+def per_example_loss(trainer: InfluenceTrainer, dataset: Dataset) -> torch.Tensor:
+    logits, labels = predictions(trainer, dataset)
+    return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
 
 
 def run_demo(args: DemoArguments) -> dict:
     """Run the whole demo; print a report and return the figures."""
     start = time.perf_counter()
+    output_dir = Path(args.output_dir)
     rng = random.Random(args.seed)
     pairs = [make_pair(rng) for _ in range(args.num_train + args.num_test)]
-    tokenizer = build_tokenizer([t for p, h, _ in pairs for t in (p, h)])
+    tokenizer = fast_tokenizer(build_tokenizer([t for p, h, _ in pairs for t in (p, h)]))
     clean_train, test = make_dataset(pairs[: args.num_train], tokenizer), make_dataset(pairs[args.num_train :], tokenizer)
     train, is_noisy = flip_labels(clean_train, args.noise_fraction, rng)
-    print(f"[1/4] data: {len(train)} training pairs ({sum(is_noisy)} labels flipped), {len(test)} test pairs")
+    print(f"[1/5] data: {len(train)} training pairs ({sum(is_noisy)} labels flipped), {len(test)} test pairs")
 
-    model = train_model(train, tokenizer.get_vocab_size(), args)
-    noisy_accuracy = accuracy(model, test)
-    print(f"[2/4] trained tiny BERT on noisy data: test accuracy {noisy_accuracy:.3f}")
+    trainer, noisy_runs = train_runs(train, tokenizer, test, output_dir / "noisy", args)
+    noisy_accuracy = statistics.fmean(noisy_runs)
+    print(f"[2/5] InfluenceTrainer trained a tiny BERT on the noisy data: test accuracy {_runs(noisy_runs)}")
 
-    inf = Influence(model, damping=1e-3, batch_size=32, seed=args.seed)
-    hessian_data = train.shuffle(seed=args.seed).select(range(min(args.hessian_examples, len(train))))
-    basis = inf.fit_arnoldi(hessian_data, rank=args.rank, iterations=args.iterations)
-    basis.save(args.output_dir)
+    trainer.fit_influence()
     rankings = {
-        "arnoldi self-influence": inf.self_influence(train, method="arnoldi", basis=basis),
-        "tracin self-influence": inf.self_influence(train, method="tracin"),
-        "loss": per_example_loss(model, train),
+        "arnoldi self-influence": trainer.self_influence(),
+        "tracin self-influence": trainer.self_influence(method="tracin"),
+        "loss": per_example_loss(trainer, train),
         "random": torch.rand(len(train), generator=torch.Generator().manual_seed(args.seed)),
     }
     detection = {name: noise_detection_metrics(scores, is_noisy) for name, scores in rankings.items()}
-    print(f"[3/4] noise detection ({sum(is_noisy)} flipped of {len(train)}):")
+    _print_detection(detection, sum(is_noisy), len(train))
+    _plot(rankings["arnoldi self-influence"], is_noisy, output_dir)
+
+    filtered = trainer.filter_noisy(fraction=args.filter_fraction)
+    removed_noisy = sum(is_noisy) - sum(is_noisy[i] for i in filtered[ROW_INDEX])
+    filtered_runs = train_runs(filtered, tokenizer, test, output_dir / "filtered", args)[1]
+    filtered_accuracy = statistics.fmean(filtered_runs)
+    print(f"[4/5] filter_noisy removed {len(train) - len(filtered)} top self-influence pairs ({removed_noisy} of them flipped); "
+          f"retrained: test accuracy {_runs(filtered_runs)} (noisy data: {noisy_accuracy:.3f})")
+
+    summary = {"detection": detection, "accuracy_noisy": noisy_accuracy, "accuracy_filtered": filtered_accuracy,
+               "accuracy_runs": {"noisy": noisy_runs, "filtered": filtered_runs},
+               "removed": len(train) - len(filtered), "removed_noisy": int(removed_noisy), "seconds": time.perf_counter() - start,
+               "arguments": vars(args)}
+    with atomic_path(output_dir / "demo_summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    print(f"[5/5] done in {summary['seconds']:.0f}s; {output_dir}/ holds:")
+    for path in sorted(p for p in output_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        print(f"      {path.relative_to(output_dir)}")
+    return summary
+
+
+def _runs(accuracies: list[float]) -> str:
+    """Mean accuracy, and the runs behind it when there are several."""
+    if len(accuracies) == 1:
+        return f"{accuracies[0]:.3f}"
+    return f"{statistics.fmean(accuracies):.3f} (mean of {len(accuracies)} runs: {', '.join(f'{a:.3f}' for a in accuracies)})"
+
+
+def _print_detection(detection: dict, num_noisy: int, num_train: int) -> None:
+    print(f"[3/5] noise detection ({num_noisy} flipped of {num_train}):")
     print(f"      {'ranking':26s}{'AUC':>8s}{'AP':>8s}{'P@k':>8s}")
     for name, m in detection.items():
         print(f"      {name:26s}{m['auc']:8.3f}{m['ap']:8.3f}{m['precision_at_k']:8.3f}")
 
-    keep = rankings["arnoldi self-influence"].argsort()[: len(train) - int(round(args.filter_fraction * len(train)))]
-    filtered = train.select(sorted(keep.tolist()))
-    filtered_accuracy = accuracy(train_model(filtered, tokenizer.get_vocab_size(), args), test)
-    removed_noisy = sum(is_noisy) - sum(is_noisy[i] for i in keep.tolist())
-    print(f"[4/4] removed {len(train) - len(filtered)} top self-influence pairs ({removed_noisy} of them flipped); "
-          f"retrained: test accuracy {noisy_accuracy:.3f} -> {filtered_accuracy:.3f}")
 
-    summary = {"detection": detection, "accuracy_noisy": noisy_accuracy, "accuracy_filtered": filtered_accuracy,
-               "removed": len(train) - len(filtered), "removed_noisy": int(removed_noisy), "seconds": time.perf_counter() - start,
-               "arguments": vars(args)}
-    with atomic_path(Path(args.output_dir) / "demo_summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
-    print(f"done in {summary['seconds']:.0f}s; wrote {sorted(p.name for p in Path(args.output_dir).iterdir())} to {args.output_dir}/")
-    return summary
+def _plot(scores: torch.Tensor, is_noisy: list[bool], output_dir: Path) -> None:
+    plot_histogram(scores, output_dir / "self_influence_histogram.png", "Arnoldi self-influence", np.asarray(is_noisy))
+    plot_precision_recall(scores, np.asarray(is_noisy), output_dir / "precision_recall.png", "finding the flipped labels")
