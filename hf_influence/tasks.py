@@ -39,10 +39,16 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class SequenceClassificationTask:
-    """Cross-entropy (single label), squared error (regression) or summed BCE (multi-label)."""
+    """Cross-entropy (single label), squared error (regression) or summed BCE (multi-label).
 
-    mask_kind: MaskKind = "bidirectional"
+    ``mask_kind`` follows the backbone: ``"causal"`` for a decoder-only one (GPT-2, Llama), whose
+    classifier reads the last real token, else ``"bidirectional"`` (see :func:`attention_kind`).
+    """
+
     required_columns: tuple[str, ...] = ("input_ids", "labels")
+
+    def __init__(self, mask_kind: MaskKind = "bidirectional"):
+        self.mask_kind = mask_kind
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -96,12 +102,25 @@ def _real_tokens(mask: torch.Tensor) -> torch.Tensor:
     return mask.bool()
 
 
+def attention_kind(model: nn.Module) -> MaskKind:
+    """``"causal"`` when the model's backbone attends only to earlier tokens: a decoder (``is_decoder``)
+    or an architecture with a causal-LM head and no masked-LM head in transformers' auto mappings
+    (GPT-2, Llama, Mistral, ...); ``"bidirectional"`` otherwise (BERT, RoBERTa, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_decoder", False) or (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        return "causal"
+    return "bidirectional"
+
+
 def infer_task(model: nn.Module) -> Task:
     """Pick the built-in task for ``model`` from its class and config."""
     name = type(model).__name__
     config = getattr(model, "config", None)
     if name.endswith("ForSequenceClassification"):
-        return SequenceClassificationTask()
+        return SequenceClassificationTask(attention_kind(model))
     if getattr(config, "is_encoder_decoder", False) and hasattr(model, "prepare_decoder_input_ids_from_labels"):
         return Seq2SeqTask()
     if name.endswith(("ForCausalLM", "LMHeadModel")):

@@ -45,3 +45,9 @@ def test_classification_loss_matches_hf_mean():
     batch = PaddingCollator()([dataset[i] for i in range(5)])
     ours = SequenceClassificationTask().per_example_loss(model, batch)
     torch.testing.assert_close(ours.mean(), model(**batch).loss)
+
+
+def test_classifier_mask_follows_the_backbone():
+    """A GPT-2 classifier attends causally; a 4-D bidirectional mask there would let tokens see the future."""
+    assert infer_task(utils.tiny_gpt2_classifier()).mask_kind == "causal"
+    assert infer_task(utils.tiny_bert()).mask_kind == "bidirectional"

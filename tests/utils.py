@@ -8,6 +8,7 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
+    GPT2ForSequenceClassification,
     GPT2LMHeadModel,
     MarianConfig,
     MarianMTModel,
@@ -36,6 +37,13 @@ def tiny_bert(num_labels: int = 3, layers: int = 2, hidden: int = 16) -> BertFor
 def tiny_gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return GPT2LMHeadModel(config)
+
+
+def tiny_gpt2_classifier() -> GPT2ForSequenceClassification:
+    """A 3-way classifier on the tiny GPT-2: causal attention, the score head read at the last real token."""
+    config = tiny_gpt2().config
+    config.num_labels = 3
+    return GPT2ForSequenceClassification(config)
 
 
 def tiny_marian() -> MarianMTModel:

@@ -14,6 +14,7 @@ CASES = {
     "marian": (utils.tiny_marian, utils.seq2seq_dataset),
     "t5": (utils.tiny_t5, utils.seq2seq_dataset),
     "gpt2": (utils.tiny_gpt2, utils.lm_dataset),
+    "gpt2-classifier": (utils.tiny_gpt2_classifier, utils.classification_dataset),  # causal attention under a classifier head
 }
 
 
