@@ -35,7 +35,7 @@ logger = logging.get_logger(__name__)
 EmbedFn = Callable[[nn.Module, Batch], torch.Tensor]  # (model, batch) -> [B, d]
 INDEX_FILE = "knn_index.safetensors"
 IVF_THRESHOLD = 100_000  # from this many training examples on, an IVF index replaces exact search
-METRICS = ("l2", "ip", "cosine")
+METRICS = ("l2", "ip", "cosine", "abs_ip")
 DIRECTIONS = ("influential", "helpful", "harmful")
 _SAVED_FIELDS = ("metric", "index_type", "embedding", "model_fingerprint", "model_class", "dataset_fingerprint", "nprobe")
 
@@ -67,18 +67,44 @@ def _text_inputs(batch: Batch) -> Batch:
     return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
 
 
-def embed_classifier_input(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The vector the classification head's output layer reads: BERT's pooler output, RoBERTa's
-    dense+tanh first-token state; for heads applied at every position (GPT-2), the last real token's."""
+def _head_input(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any, nn.Linear]:
+    """``(h, output, head)``: the input ``[B, d]`` of the classification layer (at the last real token
+    when the head runs at every position, as GPT-2's does), the model output, and that layer."""
     head = _classifier_output_layer(model)
     captured: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
-        model(**{k: v for k, v in batch.items() if k != "labels"})
+        output = model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         handle.remove()
     features = captured[-1]
-    return _last_real_token(features, batch) if features.dim() == 3 else features
+    return (_last_real_token(features, batch) if features.dim() == 3 else features), output, head
+
+
+def embed_classifier_input(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The vector the classification head's output layer reads: BERT's pooler output, RoBERTa's
+    dense+tanh first-token state; for heads applied at every position (GPT-2), the last real token's."""
+    return _head_input(model, batch)[0]
+
+
+def embed_head_gradient(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The example's loss gradient w.r.t. the classification layer, flattened: ``(softmax(logits) -
+    onehot(label)) ⊗ [h, 1]`` (the 1 for the bias, when the layer has one), ``[B, num_labels · (d + 1)]``.
+
+    The inner product of two such rows is the two examples' gradient dot product on the last layer
+    (TracIn there), which follows influence far more closely than feature distance; search it with
+    ``metric="abs_ip"`` for the largest |influence|. Needs ``labels`` in every batch, test data too.
+    """
+    if "labels" not in batch:
+        raise InvalidInputError("The 'head_gradient' embedding needs labels in every batch, test data included (it is the "
+                                "gradient of the example's loss). Add a labels column, or use embed_fn='classifier_input'.")
+    features, output, head = _head_input(model, batch)
+    logits = output.logits.float()
+    residual = logits.softmax(-1) - nn.functional.one_hot(batch["labels"].long(), logits.shape[-1]).float()  # [B, C]
+    features = features.float()
+    if head.bias is not None:
+        features = torch.cat([features, features.new_ones(features.shape[0], 1)], dim=-1)
+    return (residual.unsqueeze(-1) * features.unsqueeze(1)).flatten(1)
 
 
 def _classifier_output_layer(model: nn.Module) -> nn.Linear:
@@ -108,6 +134,7 @@ EMBEDDINGS: dict[str, EmbedFn] = {
     "classifier_input": embed_classifier_input,
     "encoder_mean": embed_encoder_mean,
     "last_hidden_mean": embed_last_hidden_mean,
+    "head_gradient": embed_head_gradient,
 }
 
 
@@ -137,7 +164,7 @@ def resolve_embedding(model: nn.Module, embed_fn: EmbedFn | str | None) -> tuple
         return custom_embedding_name(embed_fn), embed_fn
     name = infer_embedding(model) if embed_fn is None else embed_fn
     if name not in EMBEDDINGS:
-        raise ValueError(f"embed_fn must be a callable, None or one of {sorted(EMBEDDINGS)}; got {embed_fn!r}.")
+        raise InvalidInputError(f"embed_fn must be a callable, None or one of {sorted(EMBEDDINGS)}; got {embed_fn!r}.")
     return name, EMBEDDINGS[name]
 
 
@@ -155,7 +182,7 @@ def compute_embeddings(
         model (`nn.Module`): a HF model, run in eval mode without gradients.
         data (`datasets.Dataset` or `DataLoader`): tokenized examples (a ``DataLoader`` is used as is).
         embed_fn (`Callable` or `str`, *optional*): ``(model, batch) -> Tensor[B, d]``, or the name of a
-            built-in (``"classifier_input"``, ``"encoder_mean"``, ``"last_hidden_mean"``); inferred
+            built-in (``"classifier_input"``, ``"encoder_mean"``, ``"last_hidden_mean"``, ``"head_gradient"``); inferred
             from the model class when ``None``. Padding never enters a mean.
         batch_size (`int`, defaults to `32`): batch size when ``data`` is a ``Dataset``.
         pad_token_id (`int`, defaults to `0`): id used to pad ``input_ids``.
@@ -191,7 +218,8 @@ class KnnIndex:
 
     Attributes:
         index (`faiss.Index`): ``IndexFlatL2`` / ``IndexFlatIP`` (exact) or ``IndexIVFFlat``.
-        metric (`str`): ``"l2"`` (squared Euclidean), ``"ip"`` (inner product) or ``"cosine"``.
+        metric (`str`): ``"l2"`` (squared Euclidean), ``"ip"`` (inner product), ``"cosine"`` or
+            ``"abs_ip"`` (largest |inner product|: each row is stored as ``+x`` and ``-x``).
         index_type (`str`): ``"flat"`` (exact) or ``"ivf"`` (inverted lists, approximate).
         embedding (`str`): the embedding's name (``"classifier_input"``, ..., or ``"custom:<qualname>"``).
         model_fingerprint (`str`), model_class (`str`): the model the embeddings came from.
@@ -212,7 +240,8 @@ class KnnIndex:
 
     @property
     def size(self) -> int:
-        return int(self.index.ntotal)
+        """Training examples indexed (``"abs_ip"`` stores each one twice, as ``+x`` and ``-x``)."""
+        return int(self.index.ntotal) // (2 if self.metric == "abs_ip" else 1)
 
     @property
     def dim(self) -> int:
@@ -226,8 +255,8 @@ class KnnIndex:
             k (`int`): neighbours per query, ``1 <= k <= size``.
 
         Returns:
-            distances (`torch.Tensor` of shape `[n, k]`, float32: squared L2, or similarity for ``"ip"``
-            / ``"cosine"``) and indices (`torch.Tensor` of shape `[n, k]`, int64, rows of the training set).
+            distances (`torch.Tensor` of shape `[n, k]`, float32: squared L2, or similarity for ``"ip"``,
+            ``"cosine"`` and ``"abs_ip"`` (|inner product|)) and indices (`torch.Tensor` of shape `[n, k]`, int64, rows of the training set).
         """
         check_num_neighbors(k, self.size)
         if queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -239,7 +268,10 @@ class KnnIndex:
                 self.index.nprobe = nprobe
             distances, indices = self.index.search(vectors, k)
             if (indices >= 0).all() or self.index_type != "ivf" or nprobe >= self.index.nlist:
-                return torch.from_numpy(distances), torch.from_numpy(indices).long()
+                indices = torch.from_numpy(indices).long()
+                if self.metric == "abs_ip":  # row i is stored at i (+x) and size + i (-x)
+                    indices = torch.where(indices >= 0, indices % self.size, indices)
+                return torch.from_numpy(distances), indices
             nprobe = min(2 * nprobe, self.index.nlist)  # too few vectors in the visited lists
 
     def neighbors(self, model: nn.Module, data: Any, k: int, batch_size: int = 32, pad_token_id: int = 0, progress: bool = True) -> torch.Tensor:
@@ -301,20 +333,20 @@ def index_embeddings(
     ``nprobe = max(8, nlist / 16)`` of them per query. Returns ``(index, index_type, nprobe)``.
     """
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+        raise InvalidInputError(f"metric must be one of {METRICS}, got {metric!r}.")
     if embeddings.dim() != 2 or embeddings.shape[0] == 0:
         raise InvalidInputError(f"embeddings must be a non-empty [N, d] tensor, got shape {tuple(embeddings.shape)}.")
     faiss = require_faiss()
     count, dim = embeddings.shape
-    vectors = _prepare(embeddings, metric)
+    vectors = _prepare(torch.cat([embeddings, -embeddings]) if metric == "abs_ip" else embeddings, metric)
     flat = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
-    if count < ivf_threshold:
+    if count < ivf_threshold:  # count: training examples, whatever the metric stores per example
         flat.add(vectors)
         logger.info(f"kNN index: exact {type(flat).__name__} over {count} examples (IVF from {ivf_threshold} on).")
         return flat, "flat", 1
-    nlist = nlist or max(1, int(4 * math.sqrt(count)))
+    nlist = nlist or max(1, int(4 * math.sqrt(len(vectors))))
     if not 1 <= nlist <= count:
-        raise ValueError(f"nlist must be in [1, {count}] (the number of embeddings), got {nlist}.")
+        raise InvalidInputError(f"nlist must be in [1, {count}] (the number of embeddings), got {nlist}.")
     index = faiss.IndexIVFFlat(flat, dim, nlist, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)
     index.add(vectors)
@@ -342,7 +374,8 @@ def build_index(
         train_data (`datasets.Dataset` or `DataLoader`): the training set; rows are indexed in order
             (a ``DataLoader`` must not shuffle).
         embed_fn (`Callable` or `str`, *optional*): see :func:`compute_embeddings`.
-        metric (`str`, defaults to `"l2"`): ``"l2"``, ``"ip"`` (inner product) or ``"cosine"``.
+        metric (`str`, defaults to `"l2"`): ``"l2"``, ``"ip"`` (inner product), ``"cosine"``, or ``"abs_ip"``
+            (largest |inner product|, the pairing for ``embed_fn="head_gradient"``).
         batch_size (`int`, defaults to `32`): embedding batch size for a ``Dataset``.
         pad_token_id (`int`, *optional*): defaults to ``model.config.pad_token_id`` (else 0).
         ivf_threshold (`int`, defaults to `100_000`): exact search below this many examples, IVF from it on.
@@ -350,7 +383,7 @@ def build_index(
         progress (`bool`, defaults to `True`): show a tqdm bar.
     """
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+        raise InvalidInputError(f"metric must be one of {METRICS}, got {metric!r}.")
     require_faiss()
     check_in_order(train_data)
     name, function = resolve_embedding(model, embed_fn)
@@ -409,7 +442,7 @@ def load_index(path: str | os.PathLike, embed_fn: EmbedFn | None = None) -> KnnI
 def check_num_neighbors(k: Any, num_train: int) -> int:
     """``k`` must be an integer with ``1 <= k <= num_train``."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_train:
-        raise ValueError(
+        raise InvalidInputError(
             f"knn must be an integer in [1, {num_train}] (the number of training examples), got {k!r}. "
             "FastIF uses about 1-10% of the training set; knn=None scores every training example."
         )

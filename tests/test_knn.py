@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import GPT2ForSequenceClassification
 
 import hf_influence as hfi
 from hf_influence import knn
@@ -111,7 +110,7 @@ def test_stale_index_is_refused(setup):
         index.check_compatible(model, relabelled)
 
 
-@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine", "abs_ip"])
 def test_exact_search_matches_brute_force(metric):
     keys, queries = torch.randn(200, 6, generator=torch.Generator().manual_seed(1)), torch.randn(5, 6)
     faiss_index, index_type, _ = knn.index_embeddings(keys, metric=metric)
@@ -120,8 +119,9 @@ def test_exact_search_matches_brute_force(metric):
         expected = _brute_force_neighbors(queries, keys, 8)
     else:
         unit = (lambda x: torch.nn.functional.normalize(x.double(), dim=1)) if metric == "cosine" else (lambda x: x.double())
-        expected = (unit(queries) @ unit(keys).T).topk(8, dim=1).indices
-    assert index_type == "flat"
+        similarity = unit(queries) @ unit(keys).T
+        expected = (similarity.abs() if metric == "abs_ip" else similarity).topk(8, dim=1).indices
+    assert index_type == "flat" and index.size == 200
     assert torch.equal(index.search(queries, 8)[1], expected)
 
 
@@ -220,17 +220,11 @@ def _expected(model, batch, state_of):
     return torch.stack([state_of(model, _alone(batch, i)) for i in range(batch["input_ids"].shape[0])])
 
 
-def _tiny_gpt2_classifier() -> GPT2ForSequenceClassification:
-    config = utils.tiny_gpt2().config
-    config.num_labels = 3
-    return GPT2ForSequenceClassification(config)
-
-
 CASES = {
     "bert": (utils.tiny_bert, utils.classification_dataset, "classifier_input", lambda m, ids: m.bert(input_ids=ids).pooler_output[0]),
     "marian": (utils.tiny_marian, utils.seq2seq_dataset, "encoder_mean", lambda m, ids: m.get_encoder()(input_ids=ids).last_hidden_state[0].mean(0)),
     "t5": (utils.tiny_t5, utils.seq2seq_dataset, "encoder_mean", lambda m, ids: m.get_encoder()(input_ids=ids).last_hidden_state[0].mean(0)),
-    "gpt2-classifier": (_tiny_gpt2_classifier, utils.classification_dataset, "classifier_input",
+    "gpt2-classifier": (utils.tiny_gpt2_classifier, utils.classification_dataset, "classifier_input",
                         lambda m, ids: m.transformer(input_ids=ids).last_hidden_state[0, -1]),  # the score head reads the last token
     "gpt2": (utils.tiny_gpt2, utils.lm_dataset, "last_hidden_mean", lambda m, ids: m.transformer(input_ids=ids).last_hidden_state[0].mean(0)),
 }
@@ -248,7 +242,7 @@ def test_embeddings_equal_pooling_of_each_example_alone(name):
     torch.testing.assert_close(ours, _expected(model.eval(), batch, state_of), rtol=0, atol=EMBED_ATOL)
 
 
-@pytest.mark.parametrize("build", [utils.tiny_bert, _tiny_gpt2_classifier])
+@pytest.mark.parametrize("build", [utils.tiny_bert, utils.tiny_gpt2_classifier])
 def test_classifier_input_is_what_the_head_reads(build):
     """Applying the head's output layer to the embedding gives the model's own logits."""
     model, data = build().eval(), utils.classification_dataset(6, seed=4)
@@ -257,3 +251,21 @@ def test_classifier_input_is_what_the_head_reads(build):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         from_embedding = knn._classifier_output_layer(model)(knn.compute_embeddings(model, data, batch_size=6, progress=False))
     torch.testing.assert_close(from_embedding, logits, rtol=0, atol=EMBED_ATOL)
+
+
+@pytest.mark.parametrize("build", [utils.tiny_bert, utils.tiny_gpt2_classifier])
+def test_head_gradient_inner_products_are_tracin_on_the_head(build):
+    """head_gradient rows are the per-example loss gradients of the classification layer: their inner
+    products equal TracIn over that layer's parameters, computed by autograd."""
+    model, data = build().eval(), utils.classification_dataset(8, seed=5)
+    head = knn._classifier_output_layer(model)
+    names = [name for name, p in model.named_parameters() if any(p is q for q in head.parameters())]
+    embeddings = knn.compute_embeddings(model, data, "head_gradient", batch_size=4, progress=False).double()
+    tracin = hfi.Influence(model, params=[f"^{n}$" for n in names], batch_size=4, progress=False).scores(data, data, method="tracin")
+    torch.testing.assert_close(embeddings @ embeddings.T, tracin.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_head_gradient_needs_labels():
+    model, data = utils.tiny_bert().eval(), utils.classification_dataset(4, seed=6).remove_columns("labels")
+    with pytest.raises(InvalidInputError, match="needs labels"):
+        knn.compute_embeddings(model, data, "head_gradient", progress=False)
