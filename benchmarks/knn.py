@@ -1,12 +1,14 @@
 """kNN restriction (FastIF) on real NLI data: the top-10 influential training pairs of a test pair,
 full scan vs ``k`` = 1% and 10% of the training set, timed side by side in one process.
 
-    python benchmarks/knn.py [--data-dir ../shared/data] [--num-test 40] [--epochs 8]
+    python benchmarks/knn.py [--embedding classifier_input|head_gradient] [--data-dir ../shared/data] [--num-test 40]
 
 SICK (``../shared/data/sick``, read in place; the script exits cleanly when it is absent) trains a
 word-level tokenizer and a tiny BERT from config. One Arnoldi basis is fitted once and reused by
 every query (method ``"arnoldi"``), and one exact FAISS index over the training set is built once;
-both one-off costs are reported apart. Each query is answered from scratch, as FastIF does: no
+both one-off costs are reported apart. The index holds FastIF's features (the classifier input,
+L2; the default) or, with ``--embedding head_gradient``, each pair's loss gradient w.r.t. the
+classification layer searched by |inner product| (TracIn on the last layer). Each query is answered from scratch, as FastIF does: no
 training-side features are cached between queries. Per query:
 
 - *scan*: time inside ``engine.scoring.pairwise_scores`` (candidate features + dot products),
@@ -38,7 +40,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 import hf_influence as hfi  # noqa: E402
 from hf_influence import influence as influence_module  # noqa: E402
 from hf_influence import knn as knn_module  # noqa: E402
-from hf_influence.cli.demo import build_tokenizer, make_dataset, per_example_loss  # noqa: E402
+from hf_influence.cli.demo import build_tokenizer  # noqa: E402
 from hf_influence.corpora import load_sick  # noqa: E402
 from hf_influence.data import make_loader  # noqa: E402
 from hf_influence.knn import rank_scores  # noqa: E402
@@ -57,6 +59,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--last-n-layers", type=int, default=1, help="score the last k layers + pooler + classifier (FastIF "
                         "freezes embeddings and all but the top layers); 0 scores every parameter")
+    parser.add_argument("--embedding", default="classifier_input", choices=sorted(knn_module.EMBEDDINGS),
+                        help="kNN features: FastIF's classifier input, or head_gradient (the last layer's loss gradient)")
+    parser.add_argument("--metric", default=None, choices=knn_module.METRICS,
+                        help="index metric (default: l2 for features, abs_ip for head_gradient)")
     parser.add_argument("--rank", type=int, default=20, help="Arnoldi rank p̄")
     parser.add_argument("--iterations", type=int, default=40, help="Arnoldi iterations")
     parser.add_argument("--hessian-examples", type=int, default=512)
@@ -67,7 +73,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def encode(split: Dataset, tokenizer) -> Dataset:
-    return make_dataset(list(zip(split["premise"], split["hypothesis"], split["label"])), tokenizer)
+    """Word-level ids of each (premise, hypothesis) pair with BERT's [CLS] a [SEP] b [SEP] layout, and labels."""
+    encodings = tokenizer.encode_batch(list(zip(split["premise"], split["hypothesis"])))
+    return Dataset.from_dict({"input_ids": [e.ids for e in encodings], "token_type_ids": [e.type_ids for e in encodings],
+                              "attention_mask": [e.attention_mask for e in encodings], "labels": split["label"]})
+
+
+@torch.no_grad()
+def per_example_loss(model, data: Dataset) -> torch.Tensor:
+    losses = [torch.nn.functional.cross_entropy(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"], reduction="none")
+              for b in make_loader(data, 128)]
+    return torch.cat(losses)
 
 
 def train_model(train: Dataset, vocab_size: int, args: argparse.Namespace) -> BertForSequenceClassification:
@@ -186,7 +202,7 @@ def report(rows: list[dict], correct: list[bool], ks: list[int], n: int) -> None
 def explain(rows: list[dict], model, test: Dataset, train: Dataset, index) -> None:
     """Where the true top-10 lie: their training loss, and their rank among the test pair's neighbours."""
     train_loss = per_example_loss(model, train)
-    queries = knn_module.compute_embeddings(model, test.select([r["row"] for r in rows]), progress=False)
+    queries = knn_module.compute_embeddings(model, test.select([r["row"] for r in rows]), index.embed_fn, progress=False)
     order = index.search(queries, index.size)[1]  # [n, N], nearest first
     neighbour_rank = order.argsort(dim=1)  # [n, N]: rank of each training row
     top = torch.stack([r["top"] for r in rows])  # [n, 10]
@@ -215,7 +231,8 @@ def main() -> int:
     basis = inf.fit_arnoldi(train.shuffle(seed=args.seed).select(range(args.hessian_examples)), rank=args.rank, iterations=args.iterations)
     basis_seconds, tick = time.perf_counter() - tick, time.perf_counter()
     print(f"scoring {inf.selection.num_params} parameters (last_n_layers={args.last_n_layers or 'all'})")
-    index = knn_module.build_index(model, train, batch_size=128, progress=False)
+    metric = args.metric or ("abs_ip" if args.embedding == "head_gradient" else "l2")
+    index = knn_module.build_index(model, train, args.embedding, metric, batch_size=128, progress=False)
     print(f"one-off: Arnoldi basis (rank {args.rank}, {args.iterations} iterations over {args.hessian_examples} pairs) "
           f"{basis_seconds:.1f}s; FAISS {index.index_type} index ({index.metric}, {index.embedding}, d={index.dim}) "
           f"{time.perf_counter() - tick:.1f}s")

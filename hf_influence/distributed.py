@@ -421,14 +421,17 @@ def sharded_scores(
     max_shards: int | None = None,
     merge: bool = True,
     progress: bool = True,
+    knn_embedding: str | None = None,
+    knn_metric: str | None = None,
 ) -> ShardedScores:
     """``inf.scores(test_data, train_data, knn=knn)`` in partitions saved under ``root``, resumable.
 
     Without ``knn`` the training rows are partitioned and each shard holds ``[rows, n_test]``
     scores (the test features are recomputed for every shard: keep shards large next to the test
     set); with ``knn=k`` the test rows are partitioned (each shard holds the ``[rows, k]`` scores
-    and candidate indices), and every rank builds the same exact kNN index once.
-    Arguments as in :func:`sharded_self_influence`.
+    and candidate indices), and every rank builds the same exact kNN index once, over
+    ``knn_embedding`` with ``knn_metric`` (see `hf_influence.knn.build_index`; defaults: FastIF's
+    classifier input with L2). Other arguments as in :func:`sharded_self_influence`.
 
     Returns:
         `ShardedScores` whose ``scores`` is ``[n_test, n_train]`` (``g_testᵀ (H + λI)^-1 g_train``,
@@ -440,6 +443,8 @@ def sharded_scores(
     if knn is not None:
         check_num_neighbors(knn, len(dataset_of(train_data)))
     request = {**scoring_request(inf, method, basis, train=train_data, test=test_data), "knn": knn}
+    if knn is not None:
+        request.update(knn_embedding=knn_embedding, knn_metric=knn_metric)
     if knn is None:
         plan = ShardPlan.create(root, "scores", request, len(dataset_of(train_data)), shard_size, "training data")
 
@@ -450,7 +455,7 @@ def sharded_scores(
 
         @functools.cache
         def knn_index() -> Any:  # built on the first shard this rank computes, then reused
-            return build_index(inf.model, train_data, batch_size=inf.batch_size, progress=False)
+            return build_index(inf.model, train_data, knn_embedding, knn_metric, batch_size=inf.batch_size, progress=False)
 
         def compute(rows: range) -> dict[str, torch.Tensor]:
             found = inf.scores(select_rows(test_data, list(rows)), train_data, method=method, basis=basis, knn=knn, index=knn_index())

@@ -153,6 +153,11 @@ def infer_embedding(model: nn.Module) -> str:
     )
 
 
+def default_metric(embedding: str) -> str:
+    """``"abs_ip"`` for gradient embeddings (|g_test · g_train| is what ranks influence), ``"l2"`` otherwise (FastIF)."""
+    return "abs_ip" if embedding == "head_gradient" else "l2"
+
+
 def custom_embedding_name(embed_fn: EmbedFn) -> str:
     """The name saved for a user-supplied embedding function."""
     return f"custom:{getattr(embed_fn, '__qualname__', type(embed_fn).__name__)}"
@@ -359,7 +364,7 @@ def build_index(
     model: nn.Module,
     train_data: Any,
     embed_fn: EmbedFn | str | None = None,
-    metric: str = "l2",
+    metric: str | None = None,
     batch_size: int = 32,
     pad_token_id: int | None = None,
     ivf_threshold: int = IVF_THRESHOLD,
@@ -374,19 +379,20 @@ def build_index(
         train_data (`datasets.Dataset` or `DataLoader`): the training set; rows are indexed in order
             (a ``DataLoader`` must not shuffle).
         embed_fn (`Callable` or `str`, *optional*): see :func:`compute_embeddings`.
-        metric (`str`, defaults to `"l2"`): ``"l2"``, ``"ip"`` (inner product), ``"cosine"``, or ``"abs_ip"``
-            (largest |inner product|, the pairing for ``embed_fn="head_gradient"``).
+        metric (`str`, *optional*): ``"l2"``, ``"ip"`` (inner product), ``"cosine"``, or ``"abs_ip"``
+            (largest |inner product|); defaults to ``"abs_ip"`` for ``embed_fn="head_gradient"``, else ``"l2"``.
         batch_size (`int`, defaults to `32`): embedding batch size for a ``Dataset``.
         pad_token_id (`int`, *optional*): defaults to ``model.config.pad_token_id`` (else 0).
         ivf_threshold (`int`, defaults to `100_000`): exact search below this many examples, IVF from it on.
         nlist (`int`, *optional*), nprobe (`int`, *optional*): IVF lists and lists visited per query.
         progress (`bool`, defaults to `True`): show a tqdm bar.
     """
+    name, function = resolve_embedding(model, embed_fn)
+    metric = metric or default_metric(name)
     if metric not in METRICS:
         raise InvalidInputError(f"metric must be one of {METRICS}, got {metric!r}.")
     require_faiss()
     check_in_order(train_data)
-    name, function = resolve_embedding(model, embed_fn)
     pad = pad_token_id if pad_token_id is not None else getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     embeddings = compute_embeddings(model, train_data, function, batch_size, pad, progress)
     index, index_type, probes = index_embeddings(embeddings, metric, ivf_threshold, nlist, nprobe)

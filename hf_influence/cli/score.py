@@ -39,7 +39,7 @@ from ..distributed import (
     wait_for_everyone,
 )
 from ..engine.ihvp.arnoldi import basis_exists, basis_save_path
-from ..knn import KnnScores
+from ..knn import EMBEDDINGS, METRICS, KnnScores
 from ..metrics import noise_detection_metrics
 from ..plots import plot_histogram, plot_precision_recall
 from .arguments import DataArguments, InfluenceArguments, ModelArguments
@@ -79,12 +79,24 @@ class ScoreArguments:
                                                         "pairwise: every test row against every training row (needs --test_data)."})
     knn: int | None = field(default=None, metadata={"help": "pairwise only: score each test row against its k nearest "
                                                             "training rows in the model's embedding space (FastIF)."})
+    knn_embedding: str | None = field(default=None, metadata={
+        "help": "kNN features: classifier_input (FastIF's, the default for classifiers), encoder_mean, last_hidden_mean, "
+                "or head_gradient (the classification layer's loss gradient: far higher recall of the true top "
+                "influences; needs test labels)."})
+    knn_metric: str | None = field(default=None, metadata={
+        "help": "kNN index metric: l2, ip, cosine or abs_ip (default: abs_ip for head_gradient, else l2)."})
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise InvalidInputError(f"--kind must be one of {KINDS}, got {self.kind!r}.")
         if self.knn is not None and self.kind != "pairwise":
             raise InvalidInputError("--knn restricts test-vs-train scores: use it with --kind pairwise.")
+        if (self.knn_embedding or self.knn_metric) and self.knn is None:
+            raise InvalidInputError("--knn_embedding / --knn_metric shape the kNN index: use them with --knn k.")
+        if self.knn_embedding is not None and self.knn_embedding not in EMBEDDINGS:
+            raise InvalidInputError(f"--knn_embedding must be one of {sorted(EMBEDDINGS)}, got {self.knn_embedding!r}.")
+        if self.knn_metric is not None and self.knn_metric not in METRICS:
+            raise InvalidInputError(f"--knn_metric must be one of {list(METRICS)}, got {self.knn_metric!r}.")
 
 
 @dataclass
@@ -156,7 +168,8 @@ def run_score(model_args: ModelArguments, data_args: DataArguments, inf_args: In
         result = score_self_influence(job)
     else:
         result = sharded_scores(job.inf, job.test, job.train, job.output_dir / SHARDS_DIR, scoring.method, job.basis, args.knn,
-                                scoring.shard_size, job.accelerator, scoring.max_shards, merge=job.is_main, progress=job.is_main)
+                                scoring.shard_size, job.accelerator, scoring.max_shards, merge=job.is_main, progress=job.is_main,
+                                knn_embedding=args.knn_embedding, knn_metric=args.knn_metric)
     summary = shard_summary(result, time.perf_counter() - scoring_start)
     if job.is_main and result.scores is not None:
         summary |= write_self_influence(job, result.scores) if args.kind == "self" else _write_pairwise(job, result.scores)

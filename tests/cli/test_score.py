@@ -13,6 +13,7 @@ from datasets import load_from_disk
 from transformers import HfArgumentParser
 
 import hf_influence as hfi
+from hf_influence import knn
 from hf_influence.cli.arguments import DataArguments, InfluenceArguments, ModelArguments
 from hf_influence.cli.config import parse_command_args
 from hf_influence.cli.main import main
@@ -34,7 +35,8 @@ def api(trained_bert, fitted):
     inf = hfi.Influence(model, last_n_layers=1, damping=utils.BERT_DAMPING, batch_size=16, progress=False)
     basis = hfi.ArnoldiBasis.load(fitted)
     return {"self": inf.self_influence(train, basis=basis), "pairwise": inf.scores(test, train, basis=basis),
-            "knn": inf.scores(test, train, basis=basis, knn=6)}
+            "knn": inf.scores(test, train, basis=basis, knn=6),
+            "knn_gradient": inf.scores(test, train, basis=basis, knn=6, index=knn.build_index(model, train, "head_gradient", progress=False))}
 
 
 def score(bert_on_disk, out, *extra):
@@ -89,6 +91,12 @@ def test_pairwise_and_knn_files_equal_the_api(bert_on_disk, api, tmp_path):
     table = pd.read_parquet(out / "scores.parquet").sort_values(["test_index", "neighbor_rank"])
     assert torch.equal(column(table, "train_index").reshape(12, 6), api["knn"].indices)
     torch.testing.assert_close(column(table, "score").reshape(12, 6), api["knn"].scores, atol=API_ATOL, rtol=0)
+
+    assert score(bert_on_disk, out, "--kind", "pairwise", "--knn", "6", "--knn_embedding", "head_gradient") == 0
+    table = pd.read_parquet(out / "scores.parquet").sort_values(["test_index", "neighbor_rank"])
+    assert not torch.equal(api["knn_gradient"].indices, api["knn"].indices)  # another index, other candidates
+    assert torch.equal(column(table, "train_index").reshape(12, 6), api["knn_gradient"].indices)
+    torch.testing.assert_close(column(table, "score").reshape(12, 6), api["knn_gradient"].scores, atol=API_ATOL, rtol=0)
 
 
 def test_stopped_run_resumes_without_recomputing(bert_on_disk, api, tmp_path):
