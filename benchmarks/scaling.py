@@ -1,6 +1,6 @@
 """Scoring throughput of ``hf-influence score`` (Arnoldi self-influence) with 2 processes vs 1, side by side.
 
-    python benchmarks/scaling.py [--rows 2048] [--hidden 128] [--layers 2] [--seq-len 64] [--rounds 3] [--compare-threads]
+    python benchmarks/scaling.py [--rows 4096] [--hidden 128] [--layers 2] [--seq-len 64] [--rounds 3] [--compare-threads]
 
 Builds a BERT from config and a random training set on disk, fits one Arnoldi basis, then runs the
 real command line under ``torchrun`` in alternating rounds, each into a fresh output folder:
@@ -74,7 +74,7 @@ def score_once(args, root: Path, processes: int, threads: int, out: Path) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
