@@ -33,7 +33,6 @@ from ._utils.io import atomic_path, check_writable_dir, load_tensors, save_tenso
 from .data import dataset_fingerprint
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .influence import Influence, Method
-from .inputs import check_examples
 from .knn import KnnScores, build_index, check_num_neighbors, dataset_of, select_rows
 
 logger = logging.get_logger(__name__)
@@ -240,7 +239,8 @@ def compute_shards(
     with StopRequests() as stop:
         for done, shard in enumerate(bar, start=1):
             tensors = _compute_shard(plan, shard, compute)
-            _write_request(plan)
+            if done == 1:
+                _write_request(plan)
             save_shard(plan, shard, tensors)
             if stop.received is not None:
                 raise RunInterrupted(
@@ -396,7 +396,7 @@ def sharded_self_influence(
         `ShardedScores` whose ``scores`` is ``[N]`` (fp32, fp64 for fp64 models; high = likely noisy).
     """
     method = check_sharded_method(method, basis)
-    check_examples(train_data, inf.limits, "training data")
+    inf.check_data(**{"training data": train_data})
     plan = ShardPlan.create(root, "self_influence", scoring_request(inf, method, basis, train=train_data),
                             len(dataset_of(train_data)), shard_size, "training data")
 
@@ -438,19 +438,17 @@ def sharded_scores(
         positive = the training example helps) or a `KnnScores` with ``knn=k``.
     """
     method = check_sharded_method(method, basis)
-    check_examples(train_data, inf.limits, "training data")
-    check_examples(test_data, inf.limits, "test data")
+    inf.check_data(**{"training data": train_data, "test data": test_data})
     if knn is not None:
         check_num_neighbors(knn, len(dataset_of(train_data)))
     request = {**scoring_request(inf, method, basis, train=train_data, test=test_data), "knn": knn}
-    if knn is not None:
-        request.update(knn_embedding=knn_embedding, knn_metric=knn_metric)
     if knn is None:
         plan = ShardPlan.create(root, "scores", request, len(dataset_of(train_data)), shard_size, "training data")
 
         def compute(rows: range) -> dict[str, torch.Tensor]:
             return {"scores": inf.scores(test_data, select_rows(train_data, list(rows)), method=method, basis=basis).T}
     else:
+        request.update(knn_embedding=knn_embedding, knn_metric=knn_metric)
         plan = ShardPlan.create(root, "knn_scores", request, len(dataset_of(test_data)), shard_size, "test data")
 
         @functools.cache

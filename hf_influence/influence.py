@@ -124,6 +124,7 @@ class Influence:
         self.test_loss = LossFunction(model, self.task, self.selection, measurement=True)
         self.last_spectrum: Spectrum | None = None  # set by lissa="auto"
         self.last_lissa = None  # LissaResult of the last s_test
+        self._checked: set[str] = set()  # fingerprints of the Datasets that passed check_data
 
     # ----------------------------------------------------------------- public surface
     @_refuses_autocast
@@ -133,7 +134,7 @@ class Influence:
             raise InvalidInputError(f"Need 1 <= rank <= iterations, got rank={rank}, iterations={iterations}: raise iterations.")
         if rank > self.selection.num_params:
             raise InvalidInputError(f"rank={rank} exceeds the {self.selection.num_params} selected parameters: lower rank.")
-        self._check_data(**{"Hessian data": hessian_data})
+        self.check_data(**{"Hessian data": hessian_data})
         batches = self._materialize(hessian_data)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         params = self._params()
@@ -175,7 +176,7 @@ class Influence:
         was built on another model or training set).
         """
         method = _as_method(method)
-        self._check_data(**{"test data": test_data, "training data": train_data, "Hessian data": hessian_data})
+        self.check_data(**{"test data": test_data, "training data": train_data, "Hessian data": hessian_data})
         if knn is not None:
             return self._knn_scores(test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank)
         if index is not None:
@@ -215,7 +216,7 @@ class Influence:
     ) -> torch.Tensor:
         """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
         method = _as_method(method)
-        self._check_data(**{"training data": train_data, "Hessian data": hessian_data})
+        self.check_data(**{"training data": train_data, "Hessian data": hessian_data})
         precondition, train_fn, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
             return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress)
@@ -228,7 +229,7 @@ class Influence:
         ``choose_lissa_config``), ``"fastif"`` or ``"koh_liang"`` (the papers' settings at this
         ``Influence``'s damping). The last solver run is kept in ``self.last_lissa``.
         """
-        self._check_data(**{"test data": test_data, "Hessian data": hessian_data})
+        self.check_data(**{"test data": test_data, "Hessian data": hessian_data})
         precondition = self._lissa(hessian_data, lissa)
         test_grads = self.gradients(test_data, test_side=True)
         with eval_mode(self.model):
@@ -242,7 +243,7 @@ class Influence:
 
         ``test_side=True`` differentiates the task's test-side measurement (the loss unless the task defines one).
         """
-        self._check_data(data=data)
+        self.check_data(data=data)
         loss_fn = self.test_loss if test_side else self.train_loss
         with eval_mode(self.model):
             return collect_features(self._grad_fn(loss_fn), self._loader(data), self._device(), "gradients", self.progress)
@@ -270,7 +271,7 @@ class Influence:
         """
         if method not in ("lanczos", "power") or trace_estimator not in ("hutch++", "hutchinson"):
             raise InvalidInputError(f"method must be 'lanczos' or 'power' and trace_estimator 'hutch++' or 'hutchinson'; got {method!r}, {trace_estimator!r}.")
-        self._check_data(**{"Hessian data": hessian_data})
+        self.check_data(**{"Hessian data": hessian_data})
         batches = self._materialize(self._subset(hessian_data, max_examples))
         params = self._params()
         dtype, device, num = accumulation_dtype(params), self._device(), self.selection.num_params
@@ -292,16 +293,22 @@ class Influence:
     @_refuses_autocast
     def exact_hessian(self, hessian_data: Any) -> torch.Tensor:
         """The explicit ``[P, P]`` Hessian of the mean loss (small parameter sets only)."""
-        self._check_data(**{"Hessian data": hessian_data})
+        self.check_data(**{"Hessian data": hessian_data})
         with eval_mode(self.model):
             return explicit_hessian(self.train_loss, self._params(), self._materialize(hessian_data), progress=self.progress)
 
     # ----------------------------------------------------------------- checks
-    def _check_data(self, **data_by_role: Any) -> None:
-        """Refuse data the model cannot use (missing columns, too long, foreign token ids, no targets)."""
+    def check_data(self, **data_by_role: Any) -> None:
+        """Refuse data the model cannot use (missing columns, too long, foreign token ids, no targets),
+        naming each by its keyword (``check_data(**{"training data": ds})``). A ``Dataset`` that passed
+        is remembered by its fingerprint, so sharded runs and nested calls scan it once."""
         for role, data in data_by_role.items():
-            if data is not None:
-                check_examples(data, self.limits, role)
+            fingerprint = getattr(data, "_fingerprint", None)  # a datasets.Dataset's; a DataLoader has none
+            if data is None or fingerprint in self._checked:
+                continue
+            check_examples(data, self.limits, role)
+            if fingerprint is not None:
+                self._checked.add(fingerprint)
 
     def _check_precision(self) -> None:
         """Refuse mixed precision: under ``torch.autocast`` the gradients and HVPs would run in half precision."""

@@ -117,8 +117,7 @@ def _check_labels(flat: np.ndarray, rows: np.ndarray, num_rows: int, num_classes
             "gradient and influence would be 0. Drop them (dataset.filter), or tokenize with a larger max_length so "
             "the target survives truncation."
         )
-    if num_classes is not None and ((flat < 0) | (flat >= num_classes)).any():
-        outside = (flat < 0) | (flat >= num_classes)
+    if num_classes is not None and (outside := (flat < 0) | (flat >= num_classes)).any():
         raise InvalidInputError(
             f"The {role} has class labels outside [0, {num_classes}) (the model's num_labels): {_rows(_row_mask(rows[outside], num_rows))} "
             f"(e.g. {flat[outside][0].item()!r}). Map the labels to 0..{num_classes - 1}, or use a model with as many labels as classes."
