@@ -8,7 +8,8 @@ word-level tokenizer and a tiny BERT from config. One Arnoldi basis is fitted on
 every query (method ``"arnoldi"``), and one exact FAISS index over the training set is built once;
 both one-off costs are reported apart. The index holds FastIF's features (the classifier input,
 L2; the default) or, with ``--embedding head_gradient``, each pair's loss gradient w.r.t. the
-classification layer searched by |inner product| (TracIn on the last layer). Each query is answered from scratch, as FastIF does: no
+head (pooler + classifier), searched by |inner product| with the head block of the preconditioned
+test gradient (the head's share of the Arnoldi score). Each query is answered from scratch, as FastIF does: no
 training-side features are cached between queries. Per query:
 
 - *scan*: time inside ``engine.scoring.pairwise_scores`` (candidate features + dot products),
@@ -60,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--last-n-layers", type=int, default=1, help="score the last k layers + pooler + classifier (FastIF "
                         "freezes embeddings and all but the top layers); 0 scores every parameter")
     parser.add_argument("--embedding", default="classifier_input", choices=sorted(knn_module.EMBEDDINGS),
-                        help="kNN features: FastIF's classifier input, or head_gradient (the last layer's loss gradient)")
+                        help="kNN features: FastIF's classifier input, or head_gradient (the head's loss gradient)")
     parser.add_argument("--metric", default=None, choices=knn_module.METRICS,
                         help="index metric (default: l2 for features, abs_ip for head_gradient)")
     parser.add_argument("--rank", type=int, default=20, help="Arnoldi rank p̄")
@@ -200,7 +201,8 @@ def report(rows: list[dict], correct: list[bool], ks: list[int], n: int) -> None
 
 
 def explain(rows: list[dict], model, test: Dataset, train: Dataset, index) -> None:
-    """Where the true top-10 lie: their training loss, and their rank among the test pair's neighbours."""
+    """Where the true top-10 lie: their training loss, and their rank among the test pair's neighbours by its
+    own embedding (for head_gradient: its own head gradient, not the preconditioned query the search uses)."""
     train_loss = per_example_loss(model, train)
     queries = knn_module.compute_embeddings(model, test.select([r["row"] for r in rows]), index.embed_fn, progress=False)
     order = index.search(queries, index.size)[1]  # [n, N], nearest first
@@ -231,8 +233,7 @@ def main() -> int:
     basis = inf.fit_arnoldi(train.shuffle(seed=args.seed).select(range(args.hessian_examples)), rank=args.rank, iterations=args.iterations)
     basis_seconds, tick = time.perf_counter() - tick, time.perf_counter()
     print(f"scoring {inf.selection.num_params} parameters (last_n_layers={args.last_n_layers or 'all'})")
-    metric = args.metric or ("abs_ip" if args.embedding == "head_gradient" else "l2")
-    index = knn_module.build_index(model, train, args.embedding, metric, batch_size=128, progress=False)
+    index = knn_module.build_index(model, train, args.embedding, args.metric, batch_size=128, progress=False)
     print(f"one-off: Arnoldi basis (rank {args.rank}, {args.iterations} iterations over {args.hessian_examples} pairs) "
           f"{basis_seconds:.1f}s; FAISS {index.index_type} index ({index.metric}, {index.embedding}, d={index.dim}) "
           f"{time.perf_counter() - tick:.1f}s")

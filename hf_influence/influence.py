@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -31,12 +31,23 @@ from .engine.scoring import (
     random_subspace,
     self_scores,
 )
+from .head_gradient import head_parameter_names, head_queries
 from .inputs import check_examples, input_limits
 from .knn import KnnIndex, KnnScores, build_index, check_in_order, check_num_neighbors, dataset_of, score_candidates
 from .params import select_parameters
 from .tasks import Task, infer_task
 
 logger = logging.get_logger(__name__)
+
+
+class _MethodParts(NamedTuple):
+    """What one estimator needs: ``score = precondition(test_fn(test)) · train_fn(train)``, where the
+    features are ``directions @ g`` (Arnoldi, random projection) or the gradients themselves (``directions=None``)."""
+
+    precondition: Preconditioner
+    train_fn: FeatureFn
+    test_fn: FeatureFn
+    directions: torch.Tensor | None
 
 
 class Method(str, Enum):
@@ -181,21 +192,35 @@ class Influence:
             return self._knn_scores(test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank)
         if index is not None:
             raise InvalidInputError("index= is only used with knn=k: pass knn (the number of candidates per test example), or drop index.")
-        precondition, train_fn, test_fn = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
+        precondition, train_fn, test_fn, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
             test_features = collect_features(test_fn, make_loader(test_data, self.batch_size, self._pad_id()), self._device(), "test features", self.progress)
             return pairwise_scores(precondition(test_features), train_fn, self._loader(train_data), self._device(), self.progress)
 
     def _knn_scores(self, test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank) -> KnnScores:
-        """``scores(knn=k)``: checks first, then candidates from the index, then scores for those only."""
+        """``scores(knn=k)``: checks first, then the test side, candidates from the index, scores for those only."""
         check_num_neighbors(knn, len(dataset_of(train_data)))
         check_in_order(train_data)
         index = self._knn_index(train_data, index)
-        candidates = index.neighbors(self.model, test_data, knn, self.batch_size, self._pad_id(), self.progress)  # [n_test, k]
-        precondition, train_fn, test_fn = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
+        parts = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
-            test_features = collect_features(test_fn, self._loader(test_data), self._device(), "test features", self.progress)
-            return score_candidates(precondition(test_features), train_fn, train_data, candidates, self._loader, self._device(), self.progress)
+            test = parts.precondition(collect_features(parts.test_fn, self._loader(test_data), self._device(), "test features", self.progress))
+        candidates = self._knn_candidates(index, test_data, knn, test, parts.directions)  # [n_test, k]
+        with eval_mode(self.model):
+            return score_candidates(test, parts.train_fn, train_data, candidates, self._loader, self._device(), self.progress)
+
+    def _knn_candidates(self, index: KnnIndex, test_data: Any, knn: int, test: torch.Tensor, directions: torch.Tensor | None) -> torch.Tensor:
+        """Each test example's ``knn`` candidates. A ``head_gradient`` index is searched with the head block of
+        the preconditioned test vector (``query · row`` = the head's share of the score) when the
+        selection holds the head; any other index with the test examples' own embeddings."""
+        if index.embedding == "head_gradient":
+            names = head_parameter_names(self.model)
+            if set(names) <= set(self.selection.names):
+                vectors = test if directions is None else test @ directions.to(test.dtype)  # [n_test, P]
+                return index.search(head_queries(self.model, self.selection.unflatten(vectors)), knn)[1]
+            logger.warning_once(f"The parameter selection leaves out the head ({', '.join(names)}): the head_gradient "
+                                "index is searched with the test examples' own head gradients, not their preconditioned ones.")
+        return index.neighbors(self.model, test_data, knn, self.batch_size, self._pad_id(), self.progress)
 
     def _knn_index(self, train_data: Any, index: KnnIndex | None) -> KnnIndex:
         """The given index once checked against this model and ``train_data``, else a new exact one."""
@@ -217,7 +242,7 @@ class Influence:
         """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
         method = _as_method(method)
         self.check_data(**{"training data": train_data, "Hessian data": hessian_data})
-        precondition, train_fn, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
+        precondition, train_fn, _, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
             return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress)
 
@@ -323,21 +348,24 @@ class Influence:
             )
 
     # ----------------------------------------------------------------- wiring
-    def _method_parts(self, method, train_data, hessian_data, basis, lissa, rank) -> tuple[Preconditioner, FeatureFn, FeatureFn]:
+    def _method_parts(self, method, train_data, hessian_data, basis, lissa, rank) -> _MethodParts:
         hessian_data = train_data if hessian_data is None else hessian_data
         if method is Method.TRACIN:
-            return identity, self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
+            return _MethodParts(identity, self._grad_fn(self.train_loss), self._grad_fn(self.test_loss), None)
         if method is Method.EXACT:
-            return ExactInverse(self.exact_hessian(hessian_data), self.damping), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
+            inverse = ExactInverse(self.exact_hessian(hessian_data), self.damping)
+            return _MethodParts(inverse, self._grad_fn(self.train_loss), self._grad_fn(self.test_loss), None)
         if method is Method.LISSA:
-            return self._lissa(hessian_data, lissa), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss)
+            return _MethodParts(self._lissa(hessian_data, lissa), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss), None)
         if method is Method.ARNOLDI:
             basis = basis if basis is not None else self._fit_default_basis(hessian_data, rank)
             self._check_basis(basis)
             directions = basis.eigenvectors.to(self._device())
-            return DiagonalInverse(basis.inverse_eigenvalues().to(self._device())), self._projection_fn(self.train_loss, directions), self._projection_fn(self.test_loss, directions)
-        directions = self._random_directions(rank)
-        return self._subspace_inverse(hessian_data, directions), self._projection_fn(self.train_loss, directions), self._projection_fn(self.test_loss, directions)
+            inverse = DiagonalInverse(basis.inverse_eigenvalues().to(self._device()))
+        else:
+            directions = self._random_directions(rank)
+            inverse = self._subspace_inverse(hessian_data, directions)
+        return _MethodParts(inverse, self._projection_fn(self.train_loss, directions), self._projection_fn(self.test_loss, directions), directions)
 
     def _fit_default_basis(self, hessian_data: Any, rank: int) -> ArnoldiBasis:
         iterations = max(2 * rank, rank + 20)

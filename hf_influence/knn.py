@@ -28,6 +28,7 @@ from ._utils.io import load_tensors, save_tensors
 from .data import Batch, dataset_fingerprint, make_loader, to_device
 from .engine.grads import eval_mode
 from .engine.scoring import FeatureFn, pairwise_scores
+from .head_gradient import classifier_output_layer, embed_head_gradient
 from .params import select_parameters
 
 logger = logging.get_logger(__name__)
@@ -67,55 +68,17 @@ def _text_inputs(batch: Batch) -> Batch:
     return {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
 
 
-def _head_input(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, Any, nn.Linear]:
-    """``(h, output, head)``: the input ``[B, d]`` of the classification layer (at the last real token
-    when the head runs at every position, as GPT-2's does), the model output, and that layer."""
-    head = _classifier_output_layer(model)
-    captured: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        output = model(**{k: v for k, v in batch.items() if k != "labels"})
-    finally:
-        handle.remove()
-    features = captured[-1]
-    return (_last_real_token(features, batch) if features.dim() == 3 else features), output, head
-
-
 def embed_classifier_input(model: nn.Module, batch: Batch) -> torch.Tensor:
     """The vector the classification head's output layer reads: BERT's pooler output, RoBERTa's
     dense+tanh first-token state; for heads applied at every position (GPT-2), the last real token's."""
-    return _head_input(model, batch)[0]
-
-
-def embed_head_gradient(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The example's loss gradient w.r.t. the classification layer, flattened: ``(softmax(logits) -
-    onehot(label)) ⊗ [h, 1]`` (the 1 for the bias, when the layer has one), ``[B, num_labels · (d + 1)]``.
-
-    The inner product of two such rows is the two examples' gradient dot product on the last layer
-    (TracIn there), which follows influence far more closely than feature distance; search it with
-    ``metric="abs_ip"`` for the largest |influence|. Needs ``labels`` in every batch, test data too.
-    """
-    if "labels" not in batch:
-        raise InvalidInputError("The 'head_gradient' embedding needs labels in every batch, test data included (it is the "
-                                "gradient of the example's loss). Add a labels column, or use embed_fn='classifier_input'.")
-    features, output, head = _head_input(model, batch)
-    logits = output.logits.float()
-    residual = logits.softmax(-1) - nn.functional.one_hot(batch["labels"].long(), logits.shape[-1]).float()  # [B, C]
-    features = features.float()
-    if head.bias is not None:
-        features = torch.cat([features, features.new_ones(features.shape[0], 1)], dim=-1)
-    return (residual.unsqueeze(-1) * features.unsqueeze(1)).flatten(1)
-
-
-def _classifier_output_layer(model: nn.Module) -> nn.Linear:
-    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
-    if not heads:
-        raise InvalidInputError(
-            f"Cannot find the classification head of {type(model).__name__} (a Linear layer with num_labels="
-            f"{num_labels} outputs). Pass embed_fn=<(model, batch) -> Tensor[B, d]>."
-        )
-    return heads[-1]
+    captured: list[torch.Tensor] = []
+    handle = classifier_output_layer(model).register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        handle.remove()
+    features = captured[-1]
+    return _last_real_token(features, batch) if features.dim() == 3 else features
 
 
 def embed_encoder_mean(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -12,6 +12,8 @@ import hf_influence as hfi
 from hf_influence import knn
 from hf_influence._utils.errors import InvalidInputError, StaleIndexError
 from hf_influence.data import PaddingCollator, dataset_fingerprint
+from hf_influence import head_gradient
+from hf_influence.head_gradient import classifier_output_layer, head_parameter_names
 from tests import utils
 
 EMBED_ATOL = 1e-5  # padded-batch pooling vs each example alone (fp32)
@@ -249,20 +251,64 @@ def test_classifier_input_is_what_the_head_reads(build):
     batch = _padded(data, 6)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        from_embedding = knn._classifier_output_layer(model)(knn.compute_embeddings(model, data, batch_size=6, progress=False))
+        from_embedding = classifier_output_layer(model)(knn.compute_embeddings(model, data, batch_size=6, progress=False))
     torch.testing.assert_close(from_embedding, logits, rtol=0, atol=EMBED_ATOL)
 
 
 @pytest.mark.parametrize("build", [utils.tiny_bert, utils.tiny_gpt2_classifier])
 def test_head_gradient_inner_products_are_tracin_on_the_head(build):
-    """head_gradient rows are the per-example loss gradients of the classification layer: their inner
-    products equal TracIn over that layer's parameters, computed by autograd."""
+    """head_gradient rows are the per-example loss gradients of the head (BERT: pooler + classifier;
+    GPT-2: its score layer at the last token): their inner products equal TracIn over those parameters."""
     model, data = build().eval(), utils.classification_dataset(8, seed=5)
-    head = knn._classifier_output_layer(model)
-    names = [name for name, p in model.named_parameters() if any(p is q for q in head.parameters())]
+    names = head_parameter_names(model)
+    assert names == (["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"]
+                     if build is utils.tiny_bert else ["score.weight"])
     embeddings = knn.compute_embeddings(model, data, "head_gradient", batch_size=4, progress=False).double()
     tracin = hfi.Influence(model, params=[f"^{n}$" for n in names], batch_size=4, progress=False).scores(data, data, method="tracin")
     torch.testing.assert_close(embeddings @ embeddings.T, tracin.double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["exact", "arnoldi"])
+def test_head_gradient_search_finds_the_true_top_k_when_the_head_is_the_selection(method):
+    """With the head as the whole parameter selection the preconditioned query's inner product with a row
+    *is* the score, so the candidates are exactly the top-k by |score| of the full scan, for any estimator."""
+    model, train, test = utils.tiny_bert().eval(), utils.classification_dataset(30, seed=7), utils.classification_dataset(4, seed=8)
+    inf = hfi.Influence(model, params=[f"^{n}$" for n in head_parameter_names(model)], damping=0.01, batch_size=8, progress=False)
+    basis = inf.fit_arnoldi(train, rank=8, iterations=20) if method == "arnoldi" else None
+    index = knn.build_index(model, train, "head_gradient", progress=False)
+    full = inf.scores(test, train, method=method, basis=basis)
+    restricted = inf.scores(test, train, method=method, basis=basis, knn=5, index=index)
+    assert hfi.knn_recall(restricted, full, 5).tolist() == [1.0] * 4
+    torch.testing.assert_close(restricted.scores, full.gather(1, restricted.indices))
+
+
+def test_head_gradient_query_without_the_head_in_the_selection_uses_test_gradients():
+    """A selection without the head cannot precondition the query: the test rows' own head gradients are
+    searched, so the candidates are the top-k of TracIn over the head."""
+    model, train, test = utils.tiny_bert().eval(), utils.classification_dataset(30, seed=7), utils.classification_dataset(3, seed=8)
+    index = knn.build_index(model, train, "head_gradient", progress=False)
+    inf = hfi.Influence(model, params=[r"^bert\.encoder\.layer\.1\.output\.dense\."], damping=0.01, batch_size=8, progress=False)
+    candidates = inf.scores(test, train, method="exact", knn=4, index=index).indices
+    head = hfi.Influence(model, params=[f"^{n}$" for n in head_parameter_names(model)], batch_size=8, progress=False)
+    expected = head.scores(test, train, method="tracin").abs().topk(4, dim=1).indices
+    assert candidates.sort(dim=1).values.tolist() == expected.sort(dim=1).values.tolist()
+
+
+def test_wide_head_sides_are_projected_consistently_and_keep_inner_products(monkeypatch):
+    """Sides wider than MAX_SIDE go through fixed Gaussian maps: a query built from a test gradient equals that
+    example's own row (same maps on both sides), and projected inner products track TracIn on the head
+    (unbiased maps; Pearson >= 0.9 at 24 of 32-33 columns per side)."""
+    monkeypatch.setattr(head_gradient, "MAX_SIDE", 24)
+    model, data = utils.tiny_bert(hidden=32).eval(), utils.classification_dataset(40, seed=9)
+    names = head_parameter_names(model)
+    rows = knn.compute_embeddings(model, data, "head_gradient", batch_size=8, progress=False)
+    assert rows.shape[1] == 24 * 24 + 3 * 24  # pooler: (32 -> 24) outputs x (33 -> 24) inputs; classifier: 3 x (33 -> 24)
+    inf = hfi.Influence(model, params=[f"^{n}$" for n in names], batch_size=8, progress=False)
+    queries = head_gradient.head_queries(model, inf.selection.unflatten(inf.gradients(data)))
+    torch.testing.assert_close(queries, rows, rtol=1e-4, atol=1e-6)
+    tracin = inf.scores(data, data, method="tracin").double()
+    projected = (rows.double() @ rows.double().T)
+    assert torch.corrcoef(torch.stack([projected.flatten(), tracin.flatten()]))[0, 1] >= 0.9
 
 
 def test_head_gradient_needs_labels():

@@ -81,8 +81,8 @@ class ScoreArguments:
                                                             "training rows in the model's embedding space (FastIF)."})
     knn_embedding: str | None = field(default=None, metadata={
         "help": "kNN features: classifier_input (FastIF's, the default for classifiers), encoder_mean, last_hidden_mean, "
-                "or head_gradient (the classification layer's loss gradient: far higher recall of the true top "
-                "influences; needs test labels)."})
+                "or head_gradient (the head's loss gradient, searched with the preconditioned test gradient: far "
+                "higher recall of the true top influences; needs test labels)."})
     knn_metric: str | None = field(default=None, metadata={
         "help": "kNN index metric: l2, ip, cosine or abs_ip (default: abs_ip for head_gradient, else l2)."})
 
