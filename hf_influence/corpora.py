@@ -1,7 +1,8 @@
-"""Readers for the NLI corpora the benchmarks and recipes use (SICK, SNLI), read in place.
+"""Readers for the corpora the benchmarks and recipes use (SICK, SNLI, Multi30k, WMT21), read in place.
 
 The files are research / non-commercial data: they are read from where they lie (``../shared/data``
-in this project), never copied. Labels follow one order for every corpus: ``NLI_LABELS``.
+in this project), never copied. NLI labels follow one order for every corpus: ``NLI_LABELS``;
+translation pairs are ``source`` / ``target`` string columns.
 """
 
 from __future__ import annotations
@@ -73,11 +74,49 @@ def load_snli(path: str | os.PathLike) -> DatasetDict:
     return DatasetDict(splits)
 
 
+MULTI30K_SPLITS = {"train": "train", "val": "validation", "test_2016_flickr": "test"}
+
+
+def load_multi30k(path: str | os.PathLike, source: str = "en", target: str = "de") -> DatasetDict:
+    """Multi30k Task 1, raw (Elliott et al. 2016): ``train`` / ``validation`` / ``test`` (test_2016_flickr).
+
+    Args:
+        path (`str` or `os.PathLike`): the folder holding ``train.en``, ``train.de``, ``val.*`` and
+            ``test_2016_flickr.*`` (line-aligned, one sentence per line).
+        source (`str`, defaults to `"en"`), target (`str`, defaults to `"de"`): language codes (en, de, fr, cs).
+
+    Returns:
+        `datasets.DatasetDict` with string columns ``source`` and ``target``.
+    """
+    folder = Path(path)
+    return DatasetDict({name: _parallel(folder / f"{stem}.{source}", folder / f"{stem}.{target}", "Multi30k")
+                        for stem, name in MULTI30K_SPLITS.items()})
+
+
+def load_wmt21(path: str | os.PathLike, source: str = "en", target: str = "de") -> DatasetDict:
+    """WMT21 news test set (``newstest2021.<src>-<tgt>.src.<src>`` and ``.ref.A.<tgt>``) as a ``test`` split.
+
+    Returns:
+        `datasets.DatasetDict` with one split, ``test``, string columns ``source`` and ``target``.
+    """
+    stem = Path(path) / f"newstest2021.{source}-{target}"
+    return DatasetDict({"test": _parallel(Path(f"{stem}.src.{source}"), Path(f"{stem}.ref.A.{target}"), "WMT21-newstest")})
+
+
+def _parallel(source: Path, target: Path, corpus: str) -> Dataset:
+    for file in (source, target):
+        _require(file, corpus, file.name)
+    sources, targets = (f.read_text(encoding="utf-8").splitlines() for f in (source, target))
+    if len(sources) != len(targets):
+        raise ValueError(f"{source} and {target} are not line-aligned: {len(sources)} and {len(targets)} lines.")
+    return Dataset.from_dict({"source": [s.strip() for s in sources], "target": [t.strip() for t in targets]})
+
+
 def _require(file: Path, corpus: str, expected: str) -> None:
     if not file.is_file():
         raise FileNotFoundError(
             f"No {corpus} data at {file}: point the path to the folder holding {expected} "
-            f"(in this project ../shared/data/{corpus.lower()}; its README gives the source and checksums)."
+            f"(in this project under ../shared/data/; its README gives the source and checksums)."
         )
 
 

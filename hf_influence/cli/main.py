@@ -61,6 +61,12 @@ def _filter():
     return (ModelArguments, DataArguments, InfluenceArguments, ScoringArguments, FilterArguments), run_filter
 
 
+def _recipe():
+    from ..recipes.runner import RecipeArguments, run_recipe
+
+    return (RecipeArguments,), run_recipe
+
+
 COMMANDS = {
     "demo": Command("Embedded default: synthetic NLI task, 10% flipped labels, InfluenceTrainer: Arnoldi self-influence, "
                     "filter, retrain.", _demo),
@@ -70,6 +76,8 @@ COMMANDS = {
     "stest": Command("s_test = (H + λI)^-1 ∇L(test) by LiSSA (auto settings, FastIF or Koh & Liang presets), one "
                      "safetensors file per test point, resumable.", _stest),
     "filter": Command("Drop the most self-influential training rows (likely mislabelled); save the rest with a dataset card.", _filter),
+    "recipe": Command("Noisy-pair filtering recipe (NLI or translation): inject noise, rank by self-influence and baselines, "
+                      "filter, retrain, evaluate, write cards.", _recipe),
 }
 
 

@@ -1,0 +1,166 @@
+"""What differs between the NLI and the translation recipe: tokenizer, model, trainer, quality metric, loss ranking.
+
+Both train small models from config (no downloads) with a word-level tokenizer fitted on the
+training text, or start from ``model_name_or_path`` when the user has a checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import evaluate
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    DataCollatorForSeq2Seq,
+    MarianConfig,
+    MarianMTModel,
+    PreTrainedTokenizerFast,
+    PrinterCallback,
+)
+
+from ..cli.demo import build_tokenizer
+from ..corpora import NLI_LABELS
+from ..trainer import InfluenceSeq2SeqTrainer, InfluenceSeq2SeqTrainingArguments, InfluenceTrainer, InfluenceTrainingArguments
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+
+
+def load_metric(name: str) -> evaluate.EvaluationModule:
+    """One of the package's offline `evaluate` modules: ``noise_detection``, ``accuracy`` or ``bleu``."""
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def _training_arguments(cls, config: Any, output_dir: Path, seed: int, **extra: Any):
+    return cls(
+        output_dir=str(output_dir), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_steps=0.1, lr_scheduler_type="linear",
+        weight_decay=0.01, seed=seed, use_cpu=config.use_cpu, report_to="none", save_strategy="no", logging_strategy="no",
+        dataloader_num_workers=0, disable_tqdm=True, influence_last_n_layers=config.last_n_layers,
+        influence_damping=config.damping, influence_rank=max(config.ranks), influence_iterations=config.iterations,
+        influence_hessian_examples=config.hessian_examples, influence_batch_size=config.influence_batch_size,
+        influence_shard_size=config.shard_size, influence_seed=config.seed, **extra,
+    )
+
+
+class NliRecipeTask:
+    """Premise/hypothesis classification (3 labels); quality = test accuracy; loss ranking = cross-entropy."""
+
+    noise_column = "label"
+    quality_name = "accuracy"
+
+    def __init__(self, config: Any, train: Dataset):
+        self.config = config
+        if config.model_name_or_path:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+        else:
+            words = build_tokenizer([t for pair in zip(train["premise"], train["hypothesis"]) for t in pair])
+            self.tokenizer = PreTrainedTokenizerFast(
+                tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+    def encode(self, data: Dataset) -> Dataset:
+        encoded = self.tokenizer(list(data["premise"]), list(data["hypothesis"]), truncation=True, max_length=self.config.max_length)
+        return data.rename_column("label", "labels").map(lambda _, i: {k: v[i] for k, v in encoded.items()}, with_indices=True)
+
+    def model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        if self.config.model_name_or_path:
+            return AutoModelForSequenceClassification.from_pretrained(self.config.model_name_or_path, num_labels=len(NLI_LABELS))
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=len(self.tokenizer), hidden_size=self.config.hidden_size, num_hidden_layers=self.config.num_layers,
+            num_attention_heads=4, intermediate_size=2 * self.config.hidden_size, max_position_embeddings=self.config.max_length,
+            num_labels=len(NLI_LABELS), pad_token_id=self.tokenizer.pad_token_id, attn_implementation="eager"))
+
+    def trainer(self, train: Dataset, output_dir: Path, seed: int) -> InfluenceTrainer:
+        args = _training_arguments(InfluenceTrainingArguments, self.config, output_dir, seed)
+        trainer = InfluenceTrainer(model=self.model(seed), args=args, train_dataset=train, processing_class=self.tokenizer)
+        trainer.remove_callback(PrinterCallback)
+        return trainer
+
+    def quality(self, trainer: InfluenceTrainer, test: Dataset) -> float:
+        output = trainer.predict(test)
+        return load_metric("accuracy").compute(predictions=output.predictions.argmax(-1), references=output.label_ids)["accuracy"]
+
+    def loss(self, trainer: InfluenceTrainer, train: Dataset) -> torch.Tensor:
+        output = trainer.predict(train)
+        return torch.nn.functional.cross_entropy(torch.as_tensor(output.predictions).float(), torch.as_tensor(output.label_ids), reduction="none")
+
+
+class TranslationRecipeTask:
+    """Sentence translation with a Marian encoder-decoder; quality = sacreBLEU on the test set;
+    loss ranking = per-token negative log-likelihood of the reference (log perplexity)."""
+
+    noise_column = "target"
+    quality_name = "bleu"
+
+    def __init__(self, config: Any, train: Dataset):
+        self.config = config
+        if config.model_name_or_path:
+            self.tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+            return
+        words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        words.train_from_iterator(list(train["source"]) + list(train["target"]),
+                                  trainers.WordLevelTrainer(min_frequency=config.min_word_frequency, special_tokens=["<pad>", "<unk>", "</s>"]))
+        words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", words.token_to_id("</s>"))])
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+    def encode(self, data: Dataset) -> Dataset:
+        limit = self.config.max_length
+        encoded = self.tokenizer(list(data["source"]), text_target=list(data["target"]), truncation=True, max_length=limit)
+        return data.map(lambda _, i: {k: v[i] for k, v in encoded.items() if k != "token_type_ids"}, with_indices=True)
+
+    def model(self, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        if self.config.model_name_or_path:
+            return AutoModelForSeq2SeqLM.from_pretrained(self.config.model_name_or_path)
+        pad = self.tokenizer.pad_token_id
+        size, layers = self.config.hidden_size, self.config.num_layers
+        return MarianMTModel(MarianConfig(
+            vocab_size=len(self.tokenizer), d_model=size, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=2 * size, decoder_ffn_dim=2 * size, max_position_embeddings=self.config.max_length,
+            pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, decoder_start_token_id=pad, forced_eos_token_id=None,
+            dropout=0.1, attn_implementation="eager"))
+
+    def trainer(self, train: Dataset, output_dir: Path, seed: int) -> InfluenceSeq2SeqTrainer:
+        args = _training_arguments(InfluenceSeq2SeqTrainingArguments, self.config, output_dir, seed)
+        model = self.model(seed)
+        trainer = InfluenceSeq2SeqTrainer(model=model, args=args, train_dataset=train, processing_class=self.tokenizer,
+                                          data_collator=DataCollatorForSeq2Seq(self.tokenizer, model=model))
+        trainer.remove_callback(PrinterCallback)
+        return trainer
+
+    def quality(self, trainer: InfluenceSeq2SeqTrainer, test: Dataset) -> float:
+        model, hypotheses = trainer.model.eval(), []
+        batches = test.select_columns(["input_ids", "attention_mask"])
+        collate = DataCollatorForSeq2Seq(self.tokenizer)
+        with torch.no_grad():
+            for start in range(0, len(test), 64):
+                batch = collate([batches[i] for i in range(start, min(start + 64, len(test)))]).to(model.device)
+                generated = model.generate(**batch, max_new_tokens=self.config.max_length, num_beams=self.config.num_beams)
+                hypotheses += self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return load_metric("bleu").compute(predictions=hypotheses, references=list(test["target"]))["score"]
+
+    def loss(self, trainer: InfluenceSeq2SeqTrainer, train: Dataset) -> torch.Tensor:
+        """Mean token NLL of each reference (the log perplexity), ``[N]``."""
+        model, losses = trainer.model.eval(), []
+        collate = DataCollatorForSeq2Seq(self.tokenizer, model=model)
+        rows = train.select_columns(["input_ids", "attention_mask", "labels"])
+        with torch.no_grad():
+            for start in range(0, len(train), 64):
+                batch = collate([rows[i] for i in range(start, min(start + 64, len(train)))]).to(model.device)
+                logits = model(**batch).logits.float()
+                token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
+                losses.append(token.sum(1) / (batch["labels"] != -100).sum(1).clamp(min=1))
+        return torch.cat(losses).cpu()
+
+
+RECIPE_TASKS = {"nli": NliRecipeTask, "translation": TranslationRecipeTask}
