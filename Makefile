@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,23 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
+
+# Peers (captum, dattri, kronfluence) in their own venv: torch pinned by the constraints file (kronfluence
+# would pull a CUDA build), and the torchvision they pull removed (it breaks transformers imports here).
+PEERS ?= .venv-peers
+PEERS_STAMP := $(PEERS)/.installed
+PEERS_ARGS ?=
+
+$(PEERS_STAMP): pyproject.toml benchmarks/constraints-peers.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS)/bin/python -m pip install --quiet -c benchmarks/constraints-peers.txt -e ".[dev,bench]"
+	$(PEERS)/bin/python -m pip uninstall --quiet -y torchvision
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS)/bin/python -u benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,7 +11,10 @@ Conventions converted (ours: ``g_testᵀ (H + λI)^-1 g_train``, ``H`` = Hessian
   ``regularization`` is additive: ``regularization = λ``. Its LiSSA iterates
   ``h ← v + (1 - d) h - H_B h / s`` and returns ``h / s``, whose fixed point is ``(H + d·s I)^-1 v``:
   ``damping d = λ / s`` (FastIF's convention). Its explicit/LiSSA attributors sum one inverse per
-  cached batch, so the whole Hessian set is cached as one batch.
+  cached batch, so the whole Hessian set is cached as one batch. Its HVPs, called with the model's
+  parameters (which require grad), keep every HVP's autograd graph alive (the Arnoldi basis of 60
+  iterations over 128 padded pairs ran a 24 GB machine out of memory); the adapters call dattri
+  under ``torch.no_grad()``, which ``torch.func`` transforms inside it ignore.
 - **kronfluence** (EK-FAC): curvature factors are averages over examples (the mean-loss scale) and
   ``damping_factor`` is added to the eigenvalue-corrected diagonal: ``damping_factor = λ``. It tracks
   ``nn.Linear`` / ``nn.Conv2d`` modules only, so its parameter set must be whole Linear modules.
@@ -94,7 +97,13 @@ def dattri_arnoldi(problem: Problem, hessian: Dataset, rank: int, iterations: in
     attributor = IFAttributorArnoldi(dattri_task(problem), layer_name=list(problem.param_names), device="cpu",
                                      proj_dim=rank, max_iter=iterations + 1, regularization=problem.damping, seed=seed)
     attributor.cache(_whole(hessian))
+    with torch.no_grad():  # dattri runs the iteration lazily, at the first projection: run it here, in the fit
+        attributor.arnoldi_projectors[0](torch.zeros(1, problem.num_params, dtype=_dtype(problem)))
     return attributor
+
+
+def _dtype(problem: Problem) -> torch.dtype:
+    return next(problem.model.parameters()).dtype
 
 
 def dattri_explicit(problem: Problem, hessian: Dataset):
@@ -115,12 +124,14 @@ def dattri_self_influence(attributor, train: Dataset, batch_size: int) -> torch.
     result to the N-sized output. Chunking calls its own code once per chunk, linear in N.
     """
     chunks = [train.select(range(start, min(start + batch_size, len(train)))) for start in range(0, len(train), batch_size)]
-    return torch.cat([attributor.self_attribute(tuple_loader(chunk, len(chunk))).detach() for chunk in chunks])
+    with torch.no_grad():
+        return torch.cat([attributor.self_attribute(tuple_loader(chunk, len(chunk))).detach() for chunk in chunks])
 
 
 def dattri_scores(attributor, test: Dataset, train: Dataset, batch_size: int) -> torch.Tensor:
     """``[n_test, n_train]`` (dattri returns ``[n_train, n_test]``)."""
-    return attributor.attribute(tuple_loader(train, batch_size), tuple_loader(test, batch_size)).detach().T
+    with torch.no_grad():
+        return attributor.attribute(tuple_loader(train, batch_size), tuple_loader(test, batch_size)).detach().T
 
 
 def dattri_lissa_s_test(problem: Problem, test: Dataset, hessian: Dataset, batch_size: int, scale: float, steps: int,
@@ -133,8 +144,9 @@ def dattri_lissa_s_test(problem: Problem, test: Dataset, hessian: Dataset, batch
                                    damping=problem.damping / scale, scaling=scale, mode="rev-rev")
     attributor.cache(_whole(hessian))
     data = tuple(t.unsqueeze(0) for t in as_tensors(test))
-    g_test = attributor.generate_test_rep(0, data)  # [n_test, P]
-    return attributor.transform_test_rep(0, g_test).detach()
+    with torch.no_grad():
+        g_test = attributor.generate_test_rep(0, data)  # [n_test, P]
+        return attributor.transform_test_rep(0, g_test).detach()
 
 
 # ----------------------------------------------------------------------------- kronfluence

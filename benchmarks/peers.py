@@ -1,0 +1,362 @@
+"""Side by side with captum, dattri and kronfluence: speed and fidelity, one model, one run.
+
+    .venv-peers/bin/python -u benchmarks/peers.py [--num-train 1000] [--rounds 3] [--parts arnoldi lissa noise]
+    make bench-peers
+
+Installs nothing: the peers live in their own virtualenv (``.venv-peers``, created by ``make
+bench-peers``; by hand: ``python3 -m venv .venv-peers && .venv-peers/bin/pip install torch==2.13.0 &&
+.venv-peers/bin/pip install -c benchmarks/constraints-peers.txt -e '.[dev,bench]' && .venv-peers/bin/pip
+uninstall -y torchvision``; the constraints file pins torch so kronfluence does not pull a CUDA build,
+and the torchvision it pulls breaks transformers imports beside the CPU torch).
+
+The task is NLI with noisy labels: SICK's training pairs (``../shared/data/sick``; the demo's generated
+pairs when absent) with 10% of the labels flipped (seeded), a word-level tokenizer and a tiny BERT
+trained from config (float32, eager attention). Every sequence is padded to one length, so every
+library reads identical tensors. Two parameter sets, both whole ``nn.Linear`` modules so every
+library can be restricted to them (kronfluence tracks Linear/Conv2d only):
+
+- *head*: pooler + classifier (small enough for the explicit Hessian: the exact oracle, float64);
+- *last layer*: the Linear modules of the last encoder layer + pooler + classifier.
+
+One additive damping λ for everyone, ``λ = max(0, -λ_min) + margin·λ_max`` of the head's exact
+Hessian (``--damping-margin``), converted to each library's convention (see
+``benchmarks/_peers/adapters.py``: captum ``hessian_reg = N_h·λ`` with scores ×N_h, dattri
+``regularization = λ`` and LiSSA ``damping = λ/scale``, kronfluence ``damping_factor = λ``).
+Losses: per-example cross-entropy; the Hessian is that of the mean loss over ``--num-hessian``
+seeded training pairs, the same pairs for every library.
+
+Parts (each timed in this process, libraries alternating within each round, medians reported):
+
+1. ``arnoldi``: ours vs captum ``ArnoldiInfluenceFunction`` vs dattri ``IFAttributorArnoldi``, the
+   same rank p̄ and number of HVP iterations: fit + self-influence of ``--num-train`` pairs. Time,
+   peak memory (rise of the resident set over its level at the start of the run: ``VmHWM`` reset via
+   ``/proc/self/clear_refs``), Spearman with exact self-influence (head) and with each other.
+2. ``lissa``: s_test of ``--num-test`` test pairs on the head, Pearson with the exact s_test: ours
+   ``lissa="auto"`` (its spectrum estimate included), dattri's LiSSA at its defaults and at auto's
+   settings, and pyDVL's defaults (captum ships no LiSSA) run by our solver.
+3. ``noise``: ours Arnoldi vs kronfluence EK-FAC on the last layer: fit on the Hessian pairs +
+   self-influence of every training pair; AUC / AP for finding the flipped labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+import hf_influence as hfi  # noqa: E402
+from benchmarks._peers import adapters  # noqa: E402
+from benchmarks._peers.common import Problem, machine, measured, pad_to_length, pearson, select_names, spearman, versions  # noqa: E402
+from hf_influence.cli.demo import build_tokenizer, make_pair  # noqa: E402
+from hf_influence.corpora import load_sick  # noqa: E402
+from hf_influence.data import make_loader  # noqa: E402
+from hf_influence.metrics import noise_detection_metrics  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TARGET = 0.99
+HEAD = [r"^bert\.pooler\.", r"^classifier\."]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder holding sick/SICK.txt")
+    parser.add_argument("--parts", nargs="+", default=["arnoldi", "lissa", "noise"], choices=["arnoldi", "lissa", "noise"])
+    parser.add_argument("--num-train", type=int, default=1000, help="pairs scored in the Arnoldi part")
+    parser.add_argument("--num-noise", type=int, default=None, help="pairs scored in the noise part (default: all)")
+    parser.add_argument("--num-hessian", type=int, default=256, help="pairs whose mean loss defines the Hessian")
+    parser.add_argument("--num-test", type=int, default=4, help="test pairs in the LiSSA part")
+    parser.add_argument("--noise", type=float, default=0.1, help="fraction of training labels flipped")
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--rank", type=int, default=20, help="Arnoldi rank p̄ (captum projection_dim, dattri proj_dim)")
+    parser.add_argument("--iterations", type=int, default=60, help="Arnoldi HVP iterations (captum arnoldi_dim, dattri max_iter - 1)")
+    parser.add_argument("--damping-margin", type=float, default=0.1, help="λ = max(0, -λ_min) + margin · λ_max (head, exact)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians reported)")
+    parser.add_argument("--lissa-rounds", type=int, default=1, help="rounds of the LiSSA part")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+# ----------------------------------------------------------------------------- data and model
+def load_pairs(args: argparse.Namespace) -> tuple[list, list, str]:
+    """(premise, hypothesis, label) training and test pairs: SICK when present, else the demo's generator."""
+    try:
+        sick = load_sick(args.data_dir / "sick")
+        split = lambda s: list(zip(s["premise"], s["hypothesis"], s["label"]))  # noqa: E731
+        return split(sick["train"]), split(sick["test"]), "SICK (../shared/data/sick)"
+    except FileNotFoundError:
+        rng = random.Random(args.seed)
+        pairs = [make_pair(rng) for _ in range(3000)]
+        return pairs[:2500], pairs[2500:], "generated NLI pairs (the demo's; SICK not found)"
+
+
+def encode(pairs: list, tokenizer) -> Dataset:
+    encodings = tokenizer.encode_batch([(p, h) for p, h, _ in pairs])
+    return Dataset.from_dict({"input_ids": [e.ids for e in encodings], "token_type_ids": [e.type_ids for e in encodings],
+                              "attention_mask": [e.attention_mask for e in encodings], "labels": [lab for _, _, lab in pairs]})
+
+
+def flip_labels(pairs: list, fraction: float, seed: int) -> tuple[list, list[bool]]:
+    rng = random.Random(seed)
+    flipped = set(rng.sample(range(len(pairs)), int(round(fraction * len(pairs)))))
+    noisy = [(p, h, (lab + rng.randrange(1, 3)) % 3 if i in flipped else lab) for i, (p, h, lab) in enumerate(pairs)]
+    return noisy, [i in flipped for i in range(len(pairs))]
+
+
+def train_model(train: Dataset, vocab_size: int, length: int, args: argparse.Namespace) -> BertForSequenceClassification:
+    torch.manual_seed(args.seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
+                        intermediate_size=2 * args.hidden, max_position_embeddings=length, num_labels=3, pad_token_id=0,
+                        attn_implementation="eager")
+    model = BertForSequenceClassification(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(args.seed)
+    collate = make_loader(train, args.batch_size).collate_fn
+    model.train()
+    for _ in range(args.epochs):
+        for batch in torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=generator, collate_fn=collate):
+            optimizer.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def last_layer_names(model, layers: int) -> list[str]:
+    """Linear modules of the last encoder layer + pooler + classifier (LayerNorms left out: kronfluence cannot track them)."""
+    linear = rf"^bert\.encoder\.layer\.{layers - 1}\..*(query|key|value|dense)\.(weight|bias)$"
+    return select_names(model, [linear, *HEAD])
+
+
+def choose_damping(head: Problem, hessian: Dataset, margin: float) -> tuple[float, torch.Tensor]:
+    """``λ = max(0, -λ_min) + margin·λ_max`` of the head's exact float64 Hessian, and that Hessian."""
+    exact = Problem(copy.deepcopy(head.model).double(), head.param_names, 0.0, head.batch_size).influence()
+    hessian_matrix = exact.exact_hessian(hessian)
+    eigenvalues = torch.linalg.eigvalsh(hessian_matrix)
+    damping = max(0.0, -float(eigenvalues[0])) + margin * float(eigenvalues[-1])
+    print(f"head Hessian (exact, float64): λ_max {float(eigenvalues[-1]):.4g}, λ_min {float(eigenvalues[0]):.4g}, "
+          f"tr {float(eigenvalues.sum()):.4g} -> damping λ = {damping:.4g}")
+    return damping, hessian_matrix
+
+
+def truncated_self_influence(exact_problem: Problem, train: Dataset, hessian_matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Self-influence from the exact top-``rank`` eigenpairs by |λ|: the best any rank-p̄ eigenbasis can do."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(hessian_matrix)
+    top = eigenvalues.abs().argsort(descending=True)[:rank]
+    g_train = exact_problem.influence().gradients(train)  # [N, P]
+    return ((g_train @ eigenvectors[:, top]) ** 2 / (eigenvalues[top] + exact_problem.damping)).sum(1)
+
+
+# ----------------------------------------------------------------------------- measuring
+def alternate(runners: dict, rounds: int) -> dict:
+    """Run every runner once per round, in turn; each returns ``(result, fit_seconds)``.
+
+    Returns per name: the last result and the lists of seconds, fit seconds and peak MiB.
+    """
+    records = {name: {"seconds": [], "fit": [], "peak": [], "result": None} for name in runners}
+    for number in range(rounds):
+        for name, run in runners.items():
+            with measured() as m:
+                result, fit_seconds = run()
+            record = records[name]
+            record["seconds"].append(m.seconds)
+            record["fit"].append(fit_seconds)
+            record["peak"].append(m.peak_mib)
+            record["result"] = result
+            print(f"  round {number + 1}/{rounds} {name}: {m.seconds:.1f}s (fit {fit_seconds:.1f}s), peak +{m.peak_mib:.0f} MiB", flush=True)
+    return records
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def timed(function, *args, **kwargs):
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- part 1: Arnoldi
+def arnoldi_runners(problem: Problem, train: Dataset, hessian: Dataset, args: argparse.Namespace) -> dict:
+    def ours():
+        inf = problem.influence(seed=args.seed)
+        basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations)
+        return inf.self_influence(train, method="arnoldi", basis=basis), fit
+
+    def captum():
+        function, fit = timed(adapters.captum_arnoldi, problem, train, hessian, args.rank, args.iterations, args.seed)
+        return adapters.captum_self_influence(function, hessian), fit
+
+    def dattri():
+        attributor, fit = timed(adapters.dattri_arnoldi, problem, hessian, args.rank, args.iterations, args.seed)
+        return adapters.dattri_self_influence(attributor, train, problem.batch_size), fit
+
+    return {"ours": ours, "captum": captum, "dattri": dattri}
+
+
+def part_arnoldi(sets: dict, train: Dataset, hessian: Dataset, exact_self: torch.Tensor, args: argparse.Namespace) -> None:
+    print(f"\n## Arnoldi self-influence: fit (rank {args.rank}, {args.iterations} HVP iterations over {len(hessian)} pairs) "
+          f"+ self-influence of {len(train)} pairs, medians of {args.rounds} alternating rounds")
+    for label, problem in sets.items():
+        print(f"\n### {label}: {problem.num_params:,} parameters", flush=True)
+        records = alternate(arnoldi_runners(problem, train, hessian, args), args.rounds)
+        scores = {name: r["result"] for name, r in records.items()}
+        print("\n| library | fit + self-influence s | fit s | peak MiB | Spearman vs exact | vs ours | vs captum | vs dattri |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, record in records.items():
+            vs_exact = f"{spearman(scores[name], exact_self):.4f}" if label == "head" else "—"
+            others = " | ".join("1" if other == name else f"{spearman(scores[name], scores[other]):.4f}" for other in scores)
+            print(f"| {name} | {median(record['seconds']):.2f} | {median(record['fit']):.2f} | {median(record['peak']):.0f} | "
+                  f"{vs_exact} | {others} |")
+        ours_s = median(records["ours"]["seconds"])
+        print(f"\nours vs captum: {median(records['captum']['seconds']) / ours_s:.1f}x faster; "
+              f"vs dattri: {median(records['dattri']['seconds']) / ours_s:.1f}x faster "
+              f"(per round: captum {[round(c / o, 1) for c, o in zip(records['captum']['seconds'], records['ours']['seconds'])]}, "
+              f"dattri {[round(d / o, 1) for d, o in zip(records['dattri']['seconds'], records['ours']['seconds'])]})", flush=True)
+
+
+# ----------------------------------------------------------------------------- part 2: LiSSA
+def part_lissa(head: Problem, test: Dataset, hessian: Dataset, hessian_matrix: torch.Tensor, args: argparse.Namespace) -> None:
+    oracle = Problem(copy.deepcopy(head.model).double(), head.param_names, head.damping, head.batch_size).influence()
+    g_test = oracle.gradients(test, test_side=True)  # [n_test, P]
+    eye = torch.eye(hessian_matrix.shape[0], dtype=hessian_matrix.dtype)
+    exact = torch.linalg.solve(hessian_matrix + head.damping * eye, g_test.T).T
+    probe = head.influence(seed=args.seed)
+    auto = probe.resolve_lissa_config(hessian, "auto")
+    print(f"\n## LiSSA s_test of {len(test)} test pairs on the head ({head.num_params:,} parameters), Hessian over "
+          f"{len(hessian)} pairs, λ = {head.damping:.4g}; Pearson with the exact s_test, target {TARGET}")
+    print(f"auto resolves to: s = {auto.scale:.4g}, J <= {auto.steps}, B = {auto.batch_size}, T = {auto.repeats}.."
+          f"{auto.max_repeats or auto.repeats}")
+
+    def ours_auto():
+        inf = head.influence(seed=args.seed)
+        return inf.s_test(test, hessian, lissa="auto"), 0.0
+
+    def ours_config(config: hfi.LissaConfig):
+        return lambda: (head.influence(seed=args.seed).s_test(test, hessian, lissa=config), 0.0)
+
+    def dattri(batch_size: int, scale: float, steps: int, repeats: int):
+        return lambda: (adapters.dattri_lissa_s_test(head, test, hessian, batch_size, scale, steps, repeats), 0.0)
+
+    repeats_run = auto.max_repeats or auto.repeats
+    runners = {
+        "ours, lissa=\"auto\" (spectrum included)": ours_auto,
+        f"dattri at auto's settings (B={auto.batch_size}, s={auto.scale:.3g}, J={auto.steps}, T={repeats_run})":
+            dattri(auto.batch_size, auto.scale, auto.steps, repeats_run),
+        "dattri defaults (B=1, s=50, J=5000, T=1)": dattri(1, 50.0, 5000, 1),
+        "pyDVL defaults by our solver (B=32, s=10, J<=1000, rtol 1e-4, T=1)":
+            ours_config(hfi.LissaConfig(scale=10.0, steps=1000, batch_size=32, repeats=1, tolerance=1e-4, seed=args.seed)),
+    }
+    start = time.perf_counter()  # first calls pay one-off set-up (dattri's first LiSSA call: over a minute here)
+    adapters.dattri_lissa_s_test(head, test, hessian, 1, 50.0, 2, 1)
+    head.influence(seed=args.seed).s_test(test, hessian, lissa=hfi.LissaConfig(scale=10.0, steps=2, batch_size=1))
+    print(f"warm-up (not counted): {time.perf_counter() - start:.1f}s")
+    records = alternate(runners, args.lissa_rounds)
+    print("\n| setting | s_test seconds | peak MiB | Pearson with exact | reaches 0.99 |")
+    print("|---|---:|---:|---:|---|")
+    for name, record in records.items():
+        value = pearson(record["result"], exact)
+        print(f"| {name} | {median(record['seconds']):.2f} | {median(record['peak']):.0f} | {value:.4f} | {'yes' if value >= TARGET else 'no'} |")
+    print("(dattri at auto's settings runs all T repeats and all J steps: it has no early stop or adaptive repeats)", flush=True)
+
+
+# ----------------------------------------------------------------------------- part 3: noise detection
+def part_noise(problem: Problem, train: Dataset, hessian: Dataset, is_noisy: list[bool], model, args: argparse.Namespace) -> None:
+    print(f"\n## Noise detection: {len(train)} training pairs, {sum(is_noisy)} flipped; last layer ({problem.num_params:,} "
+          f"parameters); fit on {len(hessian)} pairs + self-influence of all, medians of {args.rounds} alternating rounds")
+
+    def ours():
+        inf = problem.influence(seed=args.seed)
+        basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations)
+        return inf.self_influence(train, method="arnoldi", basis=basis), fit
+
+    def kronfluence(damping):
+        def run():
+            kron = adapters.Kronfluence(problem, strategy="ekfac", damping=damping)
+            try:
+                _, fit = timed(kron.fit, hessian)
+                return kron.self_influence(train), fit
+            finally:
+                kron.close()
+        return run
+
+    records = alternate({"ours Arnoldi": ours, "kronfluence EK-FAC": kronfluence(problem.damping)}, args.rounds)
+    records.update(alternate({"kronfluence EK-FAC, its heuristic damping (0.1 x mean eigenvalue)": kronfluence(None)}, 1))
+    loss = per_example_loss(model, train)
+    print("\n| method | fit + self-influence s | fit s | peak MiB | AUC | AP | precision@k |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, record in records.items():
+        metrics = noise_detection_metrics(record["result"], is_noisy)
+        print(f"| {name} | {median(record['seconds']):.2f} | {median(record['fit']):.2f} | {median(record['peak']):.0f} | "
+              f"{metrics['auc']:.4f} | {metrics['ap']:.4f} | {metrics['precision_at_k']:.4f} |")
+    metrics = noise_detection_metrics(loss, is_noisy)
+    print(f"| (reference) training loss | — | — | — | {metrics['auc']:.4f} | {metrics['ap']:.4f} | {metrics['precision_at_k']:.4f} |")
+    ours_s = median(records["ours Arnoldi"]["seconds"])
+    print(f"\nours vs kronfluence EK-FAC: {median(records['kronfluence EK-FAC']['seconds']) / ours_s:.1f}x faster; Spearman "
+          f"between them {spearman(records['ours Arnoldi']['result'], records['kronfluence EK-FAC']['result']):.4f}", flush=True)
+
+
+@torch.no_grad()
+def per_example_loss(model, data: Dataset) -> torch.Tensor:
+    losses = [torch.nn.functional.cross_entropy(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"], reduction="none")
+              for b in make_loader(data, 128)]
+    return torch.cat(losses)
+
+
+def main() -> int:
+    args = parse_args()
+    start = time.perf_counter()
+    print(f"{datetime.date.today()}; {machine()}; " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    train_pairs, test_pairs, source = load_pairs(args)
+    noisy_pairs, is_noisy = flip_labels(train_pairs, args.noise, args.seed)
+    tokenizer = build_tokenizer([t for p, h, _ in train_pairs for t in (p, h)])
+    full, test_encoded = encode(noisy_pairs, tokenizer), encode(test_pairs, tokenizer)
+    length = max(len(ids) for split in (full, test_encoded) for ids in split["input_ids"])
+    train_all, test_all = pad_to_length(full, length), pad_to_length(test_encoded, length)
+    model = train_model(train_all, tokenizer.get_vocab_size(), length, args)
+    print(f"{source}: {len(train_all)} training pairs ({sum(is_noisy)} labels flipped), sequences padded to {length}; tiny BERT "
+          f"hidden {args.hidden} x {args.layers} layers ({sum(p.numel() for p in model.parameters()):,} parameters) trained in "
+          f"{time.perf_counter() - start:.0f}s")
+
+    order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    hessian = train_all.select(sorted(order[: args.num_hessian]))
+    train = train_all.select(range(min(args.num_train, len(train_all))))
+    head = Problem(model, select_names(model, HEAD), 0.0, args.batch_size)
+    head.damping, hessian_matrix = choose_damping(head, hessian, args.damping_margin)
+    last = Problem(model, last_layer_names(model, args.layers), head.damping, args.batch_size)
+
+    if "arnoldi" in args.parts:
+        exact_problem = Problem(copy.deepcopy(model).double(), head.param_names, head.damping, args.batch_size)
+        exact_self, seconds = timed(exact_problem.influence().self_influence, train, method="exact", hessian_data=hessian)
+        print(f"exact self-influence on the head (float64 explicit Hessian): {seconds:.1f}s")
+        ceiling = spearman(truncated_self_influence(exact_problem, train, hessian_matrix, args.rank), exact_self)
+        print(f"ceiling for any rank-{args.rank} method: the exact top-{args.rank} eigenpairs (by |λ|) give Spearman {ceiling:.4f} with exact")
+        part_arnoldi({"head": head, "last layer": last}, train, hessian, exact_self, args)
+    if "lissa" in args.parts:
+        test = test_all.select(range(args.num_test))
+        part_lissa(head, test, hessian, hessian_matrix, args)
+    if "noise" in args.parts:
+        count = len(train_all) if args.num_noise is None else min(args.num_noise, len(train_all))
+        part_noise(last, train_all.select(range(count)), hessian, is_noisy[:count], model, args)
+    print(f"\ntotal {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
