@@ -1,0 +1,84 @@
+"""A tiny NLI recipe run on SICK end to end: recorded noise, detection table, filtering, cards with valid metadata."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_from_disk
+from huggingface_hub import DatasetCard, ModelCard
+
+from hf_influence._utils.errors import InvalidInputError
+from hf_influence.cli.main import main
+from hf_influence.metrics import noise_detection_metrics
+from hf_influence.recipes import NoiseRecord, RecipeArguments, run_recipe
+
+SICK = Path(__file__).resolve().parents[3] / "shared" / "data" / "sick"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not (SICK / "SICK.txt").is_file():
+        pytest.skip("../shared/data/sick is absent")
+    out = tmp_path_factory.mktemp("recipe")
+    args = RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), max_train=160, max_test=60, epochs=1, hidden_size=32,
+                           ranks=[3, 6], iterations=12, hessian_examples=48, baselines=["random", "loss", "tracin"],
+                           output_dir=str(out / "run"), card_dir=str(out / "cards"), run_name="tiny-sick")
+    return run_recipe(args), out
+
+
+def test_the_run_records_its_noise_and_scores_every_ranking(tiny_run):
+    run, out = tiny_run
+    record = NoiseRecord.load(out / "run" / "noise.json")
+    assert record.kind == "label_flip" and len(record.rows) == 16 and record.num_rows == 160
+    assert json.loads((out / "run" / "results.json").read_text())["noise"]["rows"] == record.rows
+    assert list(run["detection"]) == ["arnoldi p̄=3", "arnoldi p̄=6", "tracin", "loss", "random"]
+    assert all(0.0 <= row["auc"] <= 1.0 and 0.0 < row["ap"] <= 1.0 for row in run["detection"].values())
+    assert set(run["quality"]) == {"clean", "noisy", "filtered"}
+
+
+def test_the_filtered_set_drops_exactly_the_top_self_influence_rows(tiny_run):
+    run, out = tiny_run
+    kept = load_from_disk(str(out / "run" / "filtered_dataset"))
+    assert len(kept) == run["kept"] == 160 - 16 == 160 - run["removed"]
+    dropped = sorted(set(range(160)) - set(kept["row_index"]))
+    assert run["removed_noisy"] == len(set(dropped) & set(run["noise"]["rows"]))
+
+
+def test_the_model_card_metadata_is_valid_model_index(tiny_run):
+    """huggingface_hub parses the card back: its model-index results equal the run's figures."""
+    run, out = tiny_run
+    card = ModelCard.load(out / "cards" / "tiny-sick.md")
+    assert card.data.model_name == "tiny-sick" and "hf-influence" in card.data.tags
+    results = {(r.metric_type, r.metric_name): r.metric_value for r in card.data.eval_results}
+    for training, runs in run["quality"].items():
+        assert results[("accuracy", f"accuracy after training on the {training} data (mean of 1 runs)")] == pytest.approx(sum(runs) / len(runs), abs=1e-4)
+    for ranking, row in run["detection"].items():
+        assert results[("noise_detection_auc", f"{ranking} AUC")] == pytest.approx(row["auc"], abs=1e-4)
+    assert run["command"].startswith("hf-influence") and run["command"] in card.text
+    assert DatasetCard.load(out / "cards" / "tiny-sick.dataset.md").data.pretty_name == "sick filtered by arnoldi self-influence"
+
+
+def test_detection_figures_are_recomputable_from_the_record(tiny_run):
+    """The random ranking is seeded: AUC/AP recomputed from its scores and the recorded rows agree."""
+    run, _ = tiny_run
+    noisy = [i in set(run["noise"]["rows"]) for i in range(160)]
+    scores = torch.rand(160, generator=torch.Generator().manual_seed(0))
+    expected = noise_detection_metrics(scores, noisy)
+    assert run["detection"]["random"]["auc"] == pytest.approx(expected["auc"]) and run["detection"]["random"]["ap"] == pytest.approx(expected["ap"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--task", "vision"], "task must be one of"),
+    (["--noise_fraction", "0"], "noise_fraction must be in"),
+    (["--ranks", "90", "--iterations", "80"], "ranks must be"),
+    (["--baselines", "kfac"], "Unknown baselines"),
+])
+def test_bad_settings_stop_before_any_work(options, message, capsys):
+    assert main(["recipe", *options]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_local_dataset_without_its_folder_says_where_to_point():
+    with pytest.raises(InvalidInputError, match="data_dir"):
+        run_recipe(RecipeArguments(task="nli", dataset="sick"))
