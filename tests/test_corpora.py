@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_influence.corpora import NLI_LABELS, load_sick, load_snli
+from hf_influence.corpora import NLI_LABELS, load_multi30k, load_sick, load_snli, load_wmt21
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -34,8 +34,24 @@ def test_snli_splits_match_its_readme():
     assert not snli["test"][0]["premise"].endswith(" ")
 
 
+@pytest.mark.skipif(not (DATA / "multi30k" / "train.en").is_file(), reason="../shared/data/multi30k is absent")
+def test_multi30k_splits_match_its_readme():
+    pairs = load_multi30k(DATA / "multi30k", "en", "de")
+    assert {name: len(split) for name, split in pairs.items()} == {"train": 29000, "validation": 1014, "test": 1000}
+    assert pairs["train"][0] == {"source": "Two young, White males are outside near many bushes.",
+                                 "target": "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche."}
+
+
+@pytest.mark.skipif(not (DATA / "wmt21-newstest").is_dir(), reason="../shared/data/wmt21-newstest is absent")
+def test_wmt21_newstest_pairs_are_line_aligned():
+    assert len(load_wmt21(DATA / "wmt21-newstest", "en", "de")["test"]) == 1002
+    assert len(load_wmt21(DATA / "wmt21-newstest", "de", "en")["test"]) == 1000
+
+
 def test_missing_folder_names_the_expected_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="folder holding SICK.txt"):
         load_sick(tmp_path)
     with pytest.raises(FileNotFoundError, match="s1/s2/labels.dev"):
         load_snli(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train.en"):
+        load_multi30k(tmp_path)
