@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shlex
 import shutil
@@ -107,6 +108,12 @@ def _load(args: RecipeArguments) -> tuple[Dataset, Dataset]:
     return load_translation(args.dataset, args.data_dir, args.source_lang, args.target_lang, args.test_dir)
 
 
+def _say(message: str) -> None:
+    """Progress lines from the main process only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, flush=True)
+
+
 class _Timer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -126,7 +133,7 @@ def _train(recipe, data: Dataset, test: Dataset, output_dir: Path, args: RecipeA
         trainer.train()
         runs.append(float(recipe.quality(trainer, test)))
         first = first or trainer
-        print(f"      {label} data, seed {seed}: {recipe.quality_name} {runs[-1]:.3f}", flush=True)
+        _say(f"      {label} data, seed {seed}: {recipe.quality_name} {runs[-1]:.3f}")
     return first, runs
 
 
@@ -212,30 +219,29 @@ def run_recipe(args: RecipeArguments) -> dict:
     is_noisy = list(noisy_raw[NOISY_COLUMN])
     recipe = RECIPE_TASKS[args.task](args, noisy_raw)
     clean, noisy, test_set = (recipe.encode(d) for d in (train, noisy_raw.remove_columns(NOISY_COLUMN), test))
-    print(f"[1/5] {args.dataset}: {len(train)} training rows ({sum(is_noisy)} corrupted: {record.kind}), {len(test)} test rows", flush=True)
+    _say(f"[1/5] {args.dataset}: {len(train)} training rows ({sum(is_noisy)} corrupted: {record.kind}), {len(test)} test rows")
 
-    print("[2/5] training on the clean and the noisy data", flush=True)
+    _say("[2/5] training on the clean and the noisy data")
     quality = {"clean": _train(recipe, clean, test_set, output_dir, args, "clean")[1]}
     trainer, quality["noisy"] = _train(recipe, noisy, test_set, output_dir, args, "noisy")
 
-    print("[3/5] ranking the training rows", flush=True)
+    _say("[3/5] ranking the training rows")
     scores, subset = _rankings(trainer, recipe, noisy, args, timer)
     detection = _detection(scores, subset, is_noisy, timer)
     for name, row in detection.items():
-        print(f"      {name:34s} AUC {row['auc']:.3f}  AP {row['ap']:.3f}  P@k {row['precision_at_k']:.3f}  {row['seconds']:.1f}s", flush=True)
+        _say(f"      {name:34s} AUC {row['auc']:.3f}  AP {row['ap']:.3f}  P@k {row['precision_at_k']:.3f}  {row['seconds']:.1f}s")
 
     filter_scores = scores[f"arnoldi p̄={max(args.ranks)}"] if args.filter_method == "arnoldi" else scores["tracin"]
     drop = noisy_mask(filter_scores, fraction=args.filter_fraction)
     kept_rows = torch.nonzero(~drop).flatten().tolist()
     filtered = noisy.select(kept_rows)
     removed_noisy = sum(is_noisy[i] for i in torch.nonzero(drop).flatten().tolist())
-    print(f"[4/5] removed {int(drop.sum())} rows by {args.filter_method} self-influence ({removed_noisy} of them corrupted); retraining",
-          flush=True)
+    _say(f"[4/5] removed {int(drop.sum())} rows by {args.filter_method} self-influence ({removed_noisy} of them corrupted); retraining")
     quality["filtered"] = _train(recipe, filtered, test_set, output_dir, args, "filtered")[1]
 
     name = args.run_name or f"{args.task}-{args.dataset.replace('/', '-')}"
     run = {
-        "model_name": name, "task": args.task, "command": _command(), "dataset_name": args.dataset, "dataset_id": args.dataset,
+        "model_name": name, "task": args.task, "command": _command(), "processes": int(os.environ.get("WORLD_SIZE", "1")), "dataset_name": args.dataset, "dataset_id": args.dataset,
         "data_dir": args.data_dir, "test_name": f"{args.dataset} test" if not args.test_dir else "WMT21 newstest", "num_train": len(train),
         "num_test": len(test), "noise": dataclasses.asdict(record), "filter_method": args.filter_method,
         "filter_fraction": args.filter_fraction, "removed": int(drop.sum()), "removed_noisy": int(removed_noisy), "kept": len(kept_rows),
@@ -248,8 +254,8 @@ def run_recipe(args: RecipeArguments) -> dict:
     if trainer.is_world_process_zero():
         _write(run, filtered, output_dir, args, name)
     run["seconds"] = time.perf_counter() - start
-    print(f"[5/5] {recipe.quality_name}: clean {_mean(quality['clean']):.3f}, noisy {_mean(quality['noisy']):.3f}, filtered "
-          f"{_mean(quality['filtered']):.3f}; done in {run['seconds']:.0f}s; results in {output_dir}/", flush=True)
+    _say(f"[5/5] {recipe.quality_name}: clean {_mean(quality['clean']):.3f}, noisy {_mean(quality['noisy']):.3f}, filtered "
+         f"{_mean(quality['filtered']):.3f}; done in {run['seconds']:.0f}s; results in {output_dir}/")
     return run
 
 

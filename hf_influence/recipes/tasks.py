@@ -42,7 +42,7 @@ def _training_arguments(cls, config: Any, output_dir: Path, seed: int, **extra: 
     return cls(
         output_dir=str(output_dir), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_steps=0.1, lr_scheduler_type="linear",
-        weight_decay=0.01, seed=seed, use_cpu=config.use_cpu, report_to="none", save_strategy="no", logging_strategy="no",
+        weight_decay=0.01, seed=seed, use_cpu=config.use_cpu or not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_strategy="no",
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, influence_last_n_layers=config.last_n_layers,
         influence_damping=config.damping, influence_rank=max(config.ranks), influence_iterations=config.iterations,
         influence_hessian_examples=config.hessian_examples, influence_batch_size=config.influence_batch_size,
