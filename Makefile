@@ -28,6 +28,7 @@ bench: $(STAMP)
 PEERS ?= .venv-peers
 PEERS_STAMP := $(PEERS)/.installed
 PEERS_ARGS ?=
+PEERS_THREADS ?= 1  # one OpenMP thread: on shared cores more threads spin against each other
 
 $(PEERS_STAMP): pyproject.toml benchmarks/constraints-peers.txt
 	$(PYTHON) -m venv $(PEERS)
@@ -38,7 +39,7 @@ $(PEERS_STAMP): pyproject.toml benchmarks/constraints-peers.txt
 	touch $(PEERS_STAMP)
 
 bench-peers: $(PEERS_STAMP)
-	$(PEERS)/bin/python -u benchmarks/peers.py $(PEERS_ARGS)
+	OMP_NUM_THREADS=$(PEERS_THREADS) $(PEERS)/bin/python -u benchmarks/peers.py $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

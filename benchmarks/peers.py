@@ -1,7 +1,10 @@
 """Side by side with captum, dattri and kronfluence: speed and fidelity, one model, one run.
 
-    .venv-peers/bin/python -u benchmarks/peers.py [--num-train 1000] [--rounds 3] [--parts arnoldi lissa noise]
-    make bench-peers
+    OMP_NUM_THREADS=1 .venv-peers/bin/python -u benchmarks/peers.py [--num-train 1000] [--rounds 3] [--parts arnoldi lissa noise]
+    make bench-peers        # the same, after creating .venv-peers (PEERS_ARGS="--rounds 1" for a quick run)
+
+One OpenMP thread: on a 2-core machine shared with other jobs, 2 threads spinning against another
+process made training alone 10x slower.
 
 Installs nothing: the peers live in their own virtualenv (``.venv-peers``, created by ``make
 bench-peers``; by hand: ``python3 -m venv .venv-peers && .venv-peers/bin/pip install torch==2.13.0 &&
