@@ -27,6 +27,7 @@ from .._utils.errors import InvalidInputError
 from .._utils.io import atomic_path
 from ..metrics import noise_detection_metrics
 from ..plots import plot_histogram, plot_precision_recall
+from ..recipes.noise import NOISY_COLUMN, flip_labels
 from ..trainer import InfluenceTrainer, InfluenceTrainingArguments
 from .outputs import ROW_INDEX
 
@@ -58,8 +59,8 @@ class DemoArguments:
 
     def __post_init__(self):
         for name in ("noise_fraction", "filter_fraction"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise InvalidInputError(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise InvalidInputError(f"--{name} must be in (0, 1), got {getattr(self, name)}.")
         if self.num_train < 20 or self.num_test < 1:
             raise InvalidInputError("--num_train must be >= 20 and --num_test >= 1.")
         if self.retrain_seeds < 1 or self.epochs < 1:
@@ -99,13 +100,6 @@ def make_dataset(pairs: list[tuple[str, str, int]], tokenizer: PreTrainedTokeniz
     premises, hypotheses = [p for p, _, _ in pairs], [h for _, h, _ in pairs]
     return Dataset.from_dict({"premise": premises, "hypothesis": hypotheses, **tokenizer(premises, hypotheses),
                               "labels": [lab for _, _, lab in pairs], ROW_INDEX: list(range(len(pairs)))})
-
-
-def flip_labels(dataset: Dataset, fraction: float, rng: random.Random) -> tuple[Dataset, list[bool]]:
-    """Replace a seeded ``fraction`` of labels by a different class; return the noise mask."""
-    flipped = set(rng.sample(range(len(dataset)), int(round(fraction * len(dataset)))))
-    labels = [(lab + rng.randrange(1, 3)) % 3 if i in flipped else lab for i, lab in enumerate(dataset["labels"])]
-    return dataset.remove_columns("labels").add_column("labels", labels), [i in flipped for i in range(len(dataset))]
 
 
 def fast_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
@@ -168,7 +162,8 @@ def run_demo(args: DemoArguments) -> dict:
     pairs = [make_pair(rng) for _ in range(args.num_train + args.num_test)]
     tokenizer = fast_tokenizer(build_tokenizer([t for p, h, _ in pairs for t in (p, h)]))
     clean_train, test = make_dataset(pairs[: args.num_train], tokenizer), make_dataset(pairs[args.num_train :], tokenizer)
-    train, is_noisy = flip_labels(clean_train, args.noise_fraction, rng)
+    train, _ = flip_labels(clean_train, args.noise_fraction, seed=args.seed, column="labels", num_labels=len(LABELS))
+    is_noisy, train = list(train[NOISY_COLUMN]), train.remove_columns(NOISY_COLUMN)
     print(f"[1/5] data: {len(train)} training pairs ({sum(is_noisy)} labels flipped), {len(test)} test pairs")
 
     trainer, noisy_runs = train_runs(train, tokenizer, test, output_dir / "noisy", args)

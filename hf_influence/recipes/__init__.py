@@ -1,6 +1,8 @@
-"""Noisy-pair filtering recipes (NLI, translation): noise injection, offline metrics, cards, the pipeline."""
+"""Noisy-pair filtering recipes (NLI, translation): noise injection, offline metrics, cards, the pipeline.
+
+The pipeline is ``hf_influence.recipes.runner`` (``RecipeArguments``, ``run_recipe``; ``hf-influence recipe``).
+"""
 
 from .noise import NoiseRecord, flip_labels, permute_references
-from .runner import RecipeArguments, run_recipe
 
-__all__ = ["NoiseRecord", "RecipeArguments", "flip_labels", "permute_references", "run_recipe"]
+__all__ = ["NoiseRecord", "flip_labels", "permute_references"]

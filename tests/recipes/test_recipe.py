@@ -11,7 +11,8 @@ from huggingface_hub import DatasetCard, ModelCard
 from hf_influence._utils.errors import InvalidInputError
 from hf_influence.cli.main import main
 from hf_influence.metrics import noise_detection_metrics
-from hf_influence.recipes import NoiseRecord, RecipeArguments, run_recipe
+from hf_influence.recipes import NoiseRecord
+from hf_influence.recipes.runner import RecipeArguments, run_recipe
 
 SICK = Path(__file__).resolve().parents[3] / "shared" / "data" / "sick"
 
