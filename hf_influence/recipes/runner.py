@@ -36,6 +36,7 @@ from .noise import NOISY_COLUMN, NoiseRecord, flip_labels, permute_references
 from .tasks import RECIPE_TASKS, load_metric
 
 BASELINES = ("random", "loss", "tracin", "randproj", "lissa")
+LISSA_MAX_REPEATS = 2
 
 
 @dataclass
@@ -162,21 +163,24 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     if "lissa" in args.baselines:
         rows = sorted(random.Random(f"lissa subset {args.seed}").sample(range(len(noisy)), min(args.lissa_subset, len(noisy))))
         subset_loader = trainer._influence_loader(noisy.select(rows))
-        config = timer.run("lissa", _lissa_config, inf, trainer._influence_loader(noisy.select(rows[: args.hessian_examples])), args)
-        lissa = timer.run("lissa solve", lambda: inf.self_influence(subset_loader, method="lissa", hessian_data=loader, lissa=config))
+        hessian_loader = trainer._influence_loader(trainer._hessian_subset(noisy, trainer.args))  # the Hessian Arnoldi was fitted on
+        config = timer.run("lissa", _lissa_config, inf, hessian_loader, args)
+        lissa = timer.run("lissa solve", lambda: inf.self_influence(subset_loader, method="lissa", hessian_data=hessian_loader, lissa=config))
         timer.seconds["lissa"] += timer.seconds.pop("lissa solve")
         subset = {"rows": rows, "lissa": lissa, "damping": config.damping}
     return scores, subset
 
 
 def _lissa_config(inf, hessian_loader, args: RecipeArguments):
-    """Auto LiSSA settings; the damping is raised to twice ``|λ_min|`` where the Hessian is indefinite
-    (the recursion diverges otherwise), as Koh & Liang raised it for non-convex models."""
+    """Auto LiSSA settings, with at most ``LISSA_MAX_REPEATS`` repeats (one solve per row is the cost
+    of this baseline); the damping is raised to twice ``|λ_min|`` where the Hessian is indefinite (the
+    recursion diverges otherwise), as Koh & Liang raised it for non-convex models."""
     spectrum = inf.spectrum(hessian_loader)
     damping = args.damping
     if spectrum.lambda_min is not None and spectrum.lambda_min + damping <= 0:
         damping = 2 * -spectrum.lambda_min
-    return choose_lissa_config(spectrum, damping, len(hessian_loader.dataset), seed=args.seed)
+    config = choose_lissa_config(spectrum, damping, len(hessian_loader.dataset), seed=args.seed)
+    return dataclasses.replace(config, max_repeats=min(config.max_repeats or config.repeats, LISSA_MAX_REPEATS))
 
 
 def _detection(scores: dict[str, torch.Tensor], subset: dict, is_noisy: list[bool], timer: _Timer) -> dict[str, dict]:
