@@ -143,6 +143,7 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     scores: dict[str, torch.Tensor] = {}
     basis = timer.run("arnoldi fit", trainer.fit_influence)  # its time is added to every Arnoldi row below
     inf, loader = trainer._influence_facade(), trainer._influence_loader(noisy)
+    hessian_loader = trainer._influence_loader(trainer._hessian_subset(noisy, trainer.args))  # the rows Arnoldi's Hessian averages
     for rank in sorted(args.ranks):
         truncated = dataclasses.replace(basis, eigenvalues=basis.eigenvalues[:rank], eigenvectors=basis.eigenvectors[:rank])
         name = f"arnoldi p̄={rank}"
@@ -152,7 +153,7 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     if "tracin" in args.baselines:
         scores["tracin"] = timer.run("tracin", trainer.self_influence, None, "tracin")
     if "randproj" in args.baselines:
-        scores[f"randproj p̄={max(args.ranks)}"] = timer.run(f"randproj p̄={max(args.ranks)}", lambda: inf.self_influence(loader, method="randproj", rank=max(args.ranks)))
+        scores[f"randproj p̄={max(args.ranks)}"] = timer.run(f"randproj p̄={max(args.ranks)}", lambda: inf.self_influence(loader, method="randproj", rank=max(args.ranks), hessian_data=hessian_loader))
     if "loss" in args.baselines:
         name = "loss" if args.task == "nli" else "perplexity (token NLL)"
         scores[name] = timer.run(name, recipe.loss, trainer, noisy)
@@ -163,7 +164,6 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     if "lissa" in args.baselines:
         rows = sorted(random.Random(f"lissa subset {args.seed}").sample(range(len(noisy)), min(args.lissa_subset, len(noisy))))
         subset_loader = trainer._influence_loader(noisy.select(rows))
-        hessian_loader = trainer._influence_loader(trainer._hessian_subset(noisy, trainer.args))  # the Hessian Arnoldi was fitted on
         config = timer.run("lissa", _lissa_config, inf, hessian_loader, args)
         lissa = timer.run("lissa solve", lambda: inf.self_influence(subset_loader, method="lissa", hessian_data=hessian_loader, lissa=config))
         timer.seconds["lissa"] += timer.seconds.pop("lissa solve")
