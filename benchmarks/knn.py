@@ -28,17 +28,19 @@ import contextlib
 import os
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import hf_influence as hfi  # noqa: E402
+from benchmarks._tiny_bert import train_tiny_bert  # noqa: E402
 from hf_influence import influence as influence_module  # noqa: E402
 from hf_influence import knn as knn_module  # noqa: E402
 from hf_influence.cli.demo import build_tokenizer  # noqa: E402
@@ -85,26 +87,6 @@ def per_example_loss(model, data: Dataset) -> torch.Tensor:
     losses = [torch.nn.functional.cross_entropy(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"], reduction="none")
               for b in make_loader(data, 128)]
     return torch.cat(losses)
-
-
-def train_model(train: Dataset, vocab_size: int, args: argparse.Namespace) -> BertForSequenceClassification:
-    torch.manual_seed(args.seed)
-    config = BertConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
-        intermediate_size=2 * args.hidden, max_position_embeddings=128, num_labels=3, pad_token_id=0,
-        attn_implementation="eager",
-    )
-    model = BertForSequenceClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    collate = make_loader(train, args.batch_size).collate_fn
-    generator = torch.Generator().manual_seed(args.seed)
-    model.train()
-    for _ in range(args.epochs):
-        for batch in torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=generator, collate_fn=collate):
-            optimizer.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            optimizer.step()
-    return model.eval()
 
 
 @torch.no_grad()
@@ -223,7 +205,7 @@ def main() -> int:
     start = time.perf_counter()
     tokenizer = build_tokenizer([t for split in (sick["train"],) for pair in zip(split["premise"], split["hypothesis"]) for t in pair])
     train, test = encode(sick["train"], tokenizer), encode(sick["test"], tokenizer)
-    model = train_model(train, tokenizer.get_vocab_size(), args)
+    model = train_tiny_bert(train, tokenizer.get_vocab_size(), 128, args.hidden, args.layers, args.epochs, args.batch_size, args.seed)
     correct = predictions_correct(model, test)
     print(f"SICK: {len(train)} train / {len(test)} test pairs; tiny BERT ({sum(p.numel() for p in model.parameters())} parameters) "
           f"trained in {time.perf_counter() - start:.0f}s, test accuracy {sum(correct) / len(correct):.3f}")

@@ -59,10 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 
 import hf_influence as hfi  # noqa: E402
 from benchmarks._peers import adapters  # noqa: E402
+from benchmarks._tiny_bert import train_tiny_bert  # noqa: E402
 from benchmarks._peers.common import Problem, machine, measured, pad_to_length, pearson, select_names, spearman, versions  # noqa: E402
 from hf_influence.cli.demo import build_tokenizer, make_pair  # noqa: E402
 from hf_influence.corpora import load_sick  # noqa: E402
@@ -120,24 +120,6 @@ def flip_labels(pairs: list, fraction: float, seed: int) -> tuple[list, list[boo
     flipped = set(rng.sample(range(len(pairs)), int(round(fraction * len(pairs)))))
     noisy = [(p, h, (lab + rng.randrange(1, 3)) % 3 if i in flipped else lab) for i, (p, h, lab) in enumerate(pairs)]
     return noisy, [i in flipped for i in range(len(pairs))]
-
-
-def train_model(train: Dataset, vocab_size: int, length: int, args: argparse.Namespace) -> BertForSequenceClassification:
-    torch.manual_seed(args.seed)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
-                        intermediate_size=2 * args.hidden, max_position_embeddings=length, num_labels=3, pad_token_id=0,
-                        attn_implementation="eager")
-    model = BertForSequenceClassification(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(args.seed)
-    collate = make_loader(train, args.batch_size).collate_fn
-    model.train()
-    for _ in range(args.epochs):
-        for batch in torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=generator, collate_fn=collate):
-            optimizer.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            optimizer.step()
-    return model.eval()
 
 
 def last_layer_names(model, layers: int) -> list[str]:
@@ -332,7 +314,7 @@ def main() -> int:
     full, test_encoded = encode(noisy_pairs, tokenizer), encode(test_pairs, tokenizer)
     length = max(len(ids) for split in (full, test_encoded) for ids in split["input_ids"])
     train_all, test_all = pad_to_length(full, length), pad_to_length(test_encoded, length)
-    model = train_model(train_all, tokenizer.get_vocab_size(), length, args)
+    model = train_tiny_bert(train_all, tokenizer.get_vocab_size(), length, args.hidden, args.layers, args.epochs, args.batch_size, args.seed)
     print(f"{source}: {len(train_all)} training pairs ({sum(is_noisy)} labels flipped), sequences padded to {length}; tiny BERT "
           f"hidden {args.hidden} x {args.layers} layers ({sum(p.numel() for p in model.parameters()):,} parameters) trained in "
           f"{time.perf_counter() - start:.0f}s")

@@ -106,7 +106,7 @@ def report(runs: dict[str, list[dict]], args) -> None:
         intermediate_size=4 * args.hidden, num_labels=3)).parameters())
     print(f"\n{args.rows} rows, BERT hidden {args.hidden} x {args.layers} layers ({params:,} parameters, all scored), seq len "
           f"{args.seq_len}, batch {args.batch_size}, shards of {args.shard_size}, Arnoldi rank {args.rank}; medians of {args.rounds} rounds")
-    print(f"| setup | scoring s | rows/s | speed-up | whole command s |\n|---|---:|---:|---:|---:|")
+    print("| setup | scoring s | rows/s | speed-up | whole command s |\n|---|---:|---:|---:|---:|")
     for name, results in runs.items():
         seconds = statistics.median(r["scoring_seconds"] for r in results)
         wall = statistics.median(r["wall_seconds"] for r in results)

@@ -32,7 +32,7 @@ from ..engine.ihvp.lissa import choose_lissa_config
 from ..metrics import noisy_mask
 from .cards import dataset_card, model_card
 from .data import load_nli, load_translation
-from .noise import NOISY_COLUMN, NoiseRecord, flip_labels, permute_references
+from .noise import NOISY_COLUMN, NoiseRecord
 from .tasks import RECIPE_TASKS, load_metric
 
 BASELINES = ("random", "loss", "tracin", "randproj", "lissa")
@@ -155,8 +155,7 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     if "randproj" in args.baselines:
         scores[f"randproj p̄={max(args.ranks)}"] = timer.run(f"randproj p̄={max(args.ranks)}", lambda: inf.self_influence(loader, method="randproj", rank=max(args.ranks), hessian_data=hessian_loader))
     if "loss" in args.baselines:
-        name = "loss" if args.task == "nli" else "perplexity (token NLL)"
-        scores[name] = timer.run(name, recipe.loss, trainer, noisy)
+        scores[recipe.loss_name] = timer.run(recipe.loss_name, recipe.loss, trainer, noisy)
     if "random" in args.baselines:
         scores["random"] = torch.rand(len(noisy), generator=torch.Generator().manual_seed(args.seed))
         timer.seconds["random"] = 0.0
@@ -164,10 +163,13 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     if "lissa" in args.baselines:
         rows = sorted(random.Random(f"lissa subset {args.seed}").sample(range(len(noisy)), min(args.lissa_subset, len(noisy))))
         subset_loader = trainer._influence_loader(noisy.select(rows))
-        config = timer.run("lissa", _lissa_config, inf, hessian_loader, args)
-        lissa = timer.run("lissa solve", lambda: inf.self_influence(subset_loader, method="lissa", hessian_data=hessian_loader, lissa=config))
-        timer.seconds["lissa"] += timer.seconds.pop("lissa solve")
-        subset = {"rows": rows, "lissa": lissa, "damping": config.damping}
+
+        def solve():
+            config = _lissa_config(inf, hessian_loader, args)
+            return config, inf.self_influence(subset_loader, method="lissa", hessian_data=hessian_loader, lissa=config)
+
+        config, lissa = timer.run("lissa", solve)
+        subset = {"rows": rows, "lissa": lissa, "damping": config.damping, "beside": f"arnoldi p̄={max(args.ranks)}"}
     return scores, subset
 
 
@@ -190,7 +192,7 @@ def _detection(scores: dict[str, torch.Tensor], subset: dict, is_noisy: list[boo
     if subset:
         noisy_rows = [int(is_noisy[r]) for r in subset["rows"]]
         if 0 < sum(noisy_rows) < len(noisy_rows):
-            best = max((name for name in scores if name.startswith("arnoldi")), key=lambda name: int(name.split("=")[1]))
+            best = subset["beside"]
             table[f"lissa, λ={subset['damping']:.3g} ({len(noisy_rows)}-row subset)"] = {**metric.compute(predictions=subset["lissa"].tolist(), references=noisy_rows),
                                                                  "seconds": timer.seconds["lissa"]}
             table[f"{best} (same subset)"] = {**metric.compute(predictions=scores[best][subset["rows"]].tolist(), references=noisy_rows),
@@ -218,10 +220,10 @@ def run_recipe(args: RecipeArguments) -> dict:
     train, test = _load(args)
     train, test = _subset(train, args.max_train, args.seed), _subset(test, args.max_test, args.seed + 1)
     train = train.add_column(ROW_INDEX, list(range(len(train))))
-    corrupt = flip_labels if args.task == "nli" else permute_references
-    noisy_raw, record = corrupt(train, args.noise_fraction, args.seed)
+    task = RECIPE_TASKS[args.task]
+    noisy_raw, record = task.noise(train, args.noise_fraction, args.seed)
     is_noisy = list(noisy_raw[NOISY_COLUMN])
-    recipe = RECIPE_TASKS[args.task](args, noisy_raw)
+    recipe = task(args, noisy_raw)
     clean, noisy, test_set = (recipe.encode(d) for d in (train, noisy_raw.remove_columns(NOISY_COLUMN), test))
     _say(f"[1/5] {args.dataset}: {len(train)} training rows ({sum(is_noisy)} corrupted: {record.kind}), {len(test)} test rows")
 

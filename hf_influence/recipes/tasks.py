@@ -6,12 +6,14 @@ training text, or start from ``model_name_or_path`` when the user has a checkpoi
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import evaluate
 import torch
 from datasets import Dataset
+from torch.utils.data import DataLoader
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -26,15 +28,18 @@ from transformers import (
     PrinterCallback,
 )
 
-from ..cli.demo import build_tokenizer
+from ..cli.demo import build_tokenizer, fast_tokenizer
 from ..corpora import NLI_LABELS
+from ..tasks import Seq2SeqTask
 from ..trainer import InfluenceSeq2SeqTrainer, InfluenceSeq2SeqTrainingArguments, InfluenceTrainer, InfluenceTrainingArguments
+from .noise import flip_labels, permute_references
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
 
+@functools.cache
 def load_metric(name: str) -> evaluate.EvaluationModule:
-    """One of the package's offline `evaluate` modules: ``noise_detection``, ``accuracy`` or ``bleu``."""
+    """One of the package's offline `evaluate` modules: ``noise_detection``, ``accuracy`` or ``bleu`` (loaded once)."""
     return evaluate.load(str(METRICS_DIR / name))
 
 
@@ -53,18 +58,16 @@ def _training_arguments(cls, config: Any, output_dir: Path, seed: int, **extra: 
 class NliRecipeTask:
     """Premise/hypothesis classification (3 labels); quality = test accuracy; loss ranking = cross-entropy."""
 
-    noise_column = "label"
+    noise = staticmethod(flip_labels)
     quality_name = "accuracy"
+    loss_name = "loss"
 
     def __init__(self, config: Any, train: Dataset):
         self.config = config
         if config.model_name_or_path:
             self.tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
         else:
-            words = build_tokenizer([t for pair in zip(train["premise"], train["hypothesis"]) for t in pair])
-            self.tokenizer = PreTrainedTokenizerFast(
-                tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+            self.tokenizer = fast_tokenizer(build_tokenizer([t for pair in zip(train["premise"], train["hypothesis"]) for t in pair]))
 
     def encode(self, data: Dataset) -> Dataset:
         encoded = self.tokenizer(list(data["premise"]), list(data["hypothesis"]), truncation=True, max_length=self.config.max_length)
@@ -98,8 +101,9 @@ class TranslationRecipeTask:
     """Sentence translation with a Marian encoder-decoder; quality = sacreBLEU on the test set;
     loss ranking = per-token negative log-likelihood of the reference (log perplexity)."""
 
-    noise_column = "target"
+    noise = staticmethod(permute_references)
     quality_name = "bleu"
+    loss_name = "perplexity (token NLL)"
 
     def __init__(self, config: Any, train: Dataset):
         self.config = config
@@ -140,27 +144,25 @@ class TranslationRecipeTask:
 
     def quality(self, trainer: InfluenceSeq2SeqTrainer, test: Dataset) -> float:
         model, hypotheses = trainer.model.eval(), []
-        batches = test.select_columns(["input_ids", "attention_mask"])
-        collate = DataCollatorForSeq2Seq(self.tokenizer)
         with torch.no_grad():
-            for start in range(0, len(test), 64):
-                batch = collate([batches[i] for i in range(start, min(start + 64, len(test)))]).to(model.device)
-                generated = model.generate(**batch, max_new_tokens=self.config.max_length, num_beams=self.config.num_beams)
+            for batch in _batches(test, ["input_ids", "attention_mask"], DataCollatorForSeq2Seq(self.tokenizer)):
+                generated = model.generate(**batch.to(model.device), max_new_tokens=self.config.max_length, num_beams=self.config.num_beams)
                 hypotheses += self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return load_metric("bleu").compute(predictions=hypotheses, references=list(test["target"]))["score"]
 
     def loss(self, trainer: InfluenceSeq2SeqTrainer, train: Dataset) -> torch.Tensor:
-        """Mean token NLL of each reference (the log perplexity), ``[N]``."""
-        model, losses = trainer.model.eval(), []
-        collate = DataCollatorForSeq2Seq(self.tokenizer, model=model)
-        rows = train.select_columns(["input_ids", "attention_mask", "labels"])
+        """Mean token NLL of each reference (the log perplexity), ``[N]``: the influence task's summed loss per token."""
+        model, task, losses = trainer.model.eval(), Seq2SeqTask(), []
         with torch.no_grad():
-            for start in range(0, len(train), 64):
-                batch = collate([rows[i] for i in range(start, min(start + 64, len(train)))]).to(model.device)
-                logits = model(**batch).logits.float()
-                token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
-                losses.append(token.sum(1) / (batch["labels"] != -100).sum(1).clamp(min=1))
+            for batch in _batches(train, ["input_ids", "attention_mask", "labels"], DataCollatorForSeq2Seq(self.tokenizer, model=model)):
+                batch = batch.to(model.device)
+                losses.append(task.per_example_loss(model, batch) / (batch["labels"] != -100).sum(1).clamp(min=1))
         return torch.cat(losses).cpu()
+
+
+def _batches(data: Dataset, columns: list[str], collate: Any, batch_size: int = 64) -> DataLoader:
+    """``data``'s ``columns`` in row order, batched by ``collate``, in this process alone (no sharding)."""
+    return DataLoader(data.select_columns(columns), batch_size=batch_size, collate_fn=collate)
 
 
 RECIPE_TASKS = {"nli": NliRecipeTask, "translation": TranslationRecipeTask}
