@@ -15,6 +15,7 @@ from ._utils.errors import InvalidInputError, TaskInferenceError
 from .data import RandomBatches, make_loader, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
+from .engine.prefix import PrefixReplay
 from .engine.ihvp.arnoldi import ArnoldiBasis, distill
 from .engine.spectrum import Spectrum, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
 from .engine.ihvp.base import Preconditioner, check_damping
@@ -152,9 +153,8 @@ class Influence:
         start = torch.randn(self.selection.num_params, generator=generator, dtype=torch.float64)
         start = start.to(device=self._device(), dtype=accumulation_dtype(params))
         with eval_mode(self.model):
-            krylov, hessenberg = krylov_iteration(
-                lambda v: dataset_hvp(self.train_loss, params, batches, v), start, iterations, self.progress, desc="Arnoldi"
-            )
+            hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget).hvp
+            krylov, hessenberg = krylov_iteration(hvp, start, iterations, self.progress, desc="Arnoldi")
         eigenvalues, eigenvectors = distill(krylov, hessenberg, rank)
         description = self.selection.describe()
         return ArnoldiBasis(
@@ -302,8 +302,8 @@ class Influence:
         dtype, device, num = accumulation_dtype(params), self._device(), self.selection.num_params
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(num, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-        hvp = lambda v: dataset_hvp(self.train_loss, params, batches, v)  # noqa: E731
         with eval_mode(self.model):
+            hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget).hvp
             if method == "lanczos":
                 _, hessenberg = krylov_iteration(hvp, start, iterations, self.progress, desc="Lanczos")
                 top, top_err, bottom, bottom_err = ritz_extremes(hessenberg)
