@@ -91,6 +91,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--damping-margin", type=float, default=0.1, help="λ = max(0, -λ_min) + margin · λ_max (head, exact)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians reported)")
     parser.add_argument("--lissa-rounds", type=int, default=1, help="rounds of the LiSSA part")
+    parser.add_argument("--dattri-max-repeats", type=int, default=2,
+                        help="repeats T of dattri's LiSSA at auto's settings (it always runs all of them; time is linear in T)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -239,7 +241,7 @@ def part_lissa(head: Problem, test: Dataset, hessian: Dataset, hessian_matrix: t
     def dattri(batch_size: int, scale: float, steps: int, repeats: int):
         return lambda: (adapters.dattri_lissa_s_test(head, test, hessian, batch_size, scale, steps, repeats), 0.0)
 
-    repeats_run = auto.max_repeats or auto.repeats
+    repeats_run = min(auto.max_repeats or auto.repeats, args.dattri_max_repeats)
     runners = {
         "ours, lissa=\"auto\" (spectrum included)": ours_auto,
         f"dattri at auto's settings (B={auto.batch_size}, s={auto.scale:.3g}, J={auto.steps}, T={repeats_run})":

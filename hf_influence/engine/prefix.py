@@ -163,7 +163,7 @@ class PrefixReplay:
         num = self.loss_fn.selection.num_params
         probe = torch.randn(num, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         probe = probe.to(next(iter(self.params.values())).device)
-        reference = batch_hvp(self.loss_fn, self.params, first, probe)
+        reference = batch_hvp(self.loss_fn, self.params, first, probe, where="Hessian data batch 0")
         replays = []
         for _ in range(2):
             self._active = [list(calls) for calls in self.outputs[0]]
