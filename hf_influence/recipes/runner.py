@@ -142,8 +142,8 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     """Every ranking's score per training row (higher = more suspect); LiSSA's on its subset only."""
     scores: dict[str, torch.Tensor] = {}
     basis = timer.run("arnoldi fit", trainer.fit_influence)  # its time is added to every Arnoldi row below
-    inf, loader = trainer._influence_facade(), trainer._influence_loader(noisy)
-    hessian_loader = trainer._influence_loader(trainer._hessian_subset(noisy, trainer.args))  # the rows Arnoldi's Hessian averages
+    inf, loader = trainer.get_influence(), trainer.get_influence_dataloader(noisy)
+    hessian_loader = trainer.get_influence_dataloader(trainer.get_hessian_dataset(noisy))  # the rows Arnoldi's Hessian averages
     for rank in sorted(args.ranks):
         truncated = dataclasses.replace(basis, eigenvalues=basis.eigenvalues[:rank], eigenvectors=basis.eigenvectors[:rank])
         name = f"arnoldi p̄={rank}"
@@ -162,7 +162,7 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
     subset = {}
     if "lissa" in args.baselines:
         rows = sorted(random.Random(f"lissa subset {args.seed}").sample(range(len(noisy)), min(args.lissa_subset, len(noisy))))
-        subset_loader = trainer._influence_loader(noisy.select(rows))
+        subset_loader = trainer.get_influence_dataloader(noisy.select(rows))
 
         def solve():
             config = _lissa_config(inf, hessian_loader, args)

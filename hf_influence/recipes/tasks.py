@@ -7,6 +7,7 @@ training text, or start from ``model_name_or_path`` when the user has a checkpoi
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ class TranslationRecipeTask:
         with torch.no_grad():
             for batch in _batches(test, ["input_ids", "attention_mask"], DataCollatorForSeq2Seq(self.tokenizer)):
                 generated = model.generate(**batch.to(model.device), max_new_tokens=self.config.max_length, num_beams=self.config.num_beams)
-                hypotheses += self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                hypotheses += [detokenize(text) for text in self.tokenizer.batch_decode(generated, skip_special_tokens=True)]
         return load_metric("bleu").compute(predictions=hypotheses, references=list(test["target"]))["score"]
 
     def loss(self, trainer: InfluenceSeq2SeqTrainer, train: Dataset) -> torch.Tensor:
@@ -158,6 +159,15 @@ class TranslationRecipeTask:
                 batch = batch.to(model.device)
                 losses.append(task.per_example_loss(model, batch) / (batch["labels"] != -100).sum(1).clamp(min=1))
         return torch.cat(losses).cpu()
+
+
+def detokenize(text: str) -> str:
+    """Undo the word-level tokenizer's spacing, so sacreBLEU sees text like the references:
+    ``"Ein Mann im T - Shirt , lächelnd ."`` → ``"Ein Mann im T-Shirt, lächelnd."``."""
+    text = re.sub(r"\s+([.,!?;:)\]])", r"\1", text)
+    text = re.sub(r"([(\[])\s+", r"\1", text)
+    text = re.sub(r'"\s*([^"]*?)\s*"', r'"\1"', text)  # quotes pair up
+    return re.sub(r"(\w) ([-']) (?=\w)", r"\1\2", text)  # T - Shirt, man ' s
 
 
 def _batches(data: Dataset, columns: list[str], collate: Any, batch_size: int = 64) -> DataLoader:

@@ -48,8 +48,9 @@ class InfluenceTrainerMixin:
     """Adds influence functions to a `transformers.Trainer`: put it first in the bases.
 
     ``class MyTrainer(InfluenceTrainerMixin, Trainer)`` gains :meth:`fit_influence`,
-    :meth:`self_influence`, :meth:`influence` and :meth:`filter_noisy`; nothing of ``Trainer``
-    is overridden, so training, evaluation and saving are inherited unchanged. The methods reuse
+    :meth:`self_influence`, :meth:`influence` and :meth:`filter_noisy` (and, for the methods it does
+    not wrap, :meth:`get_influence`, :meth:`get_influence_dataloader` and
+    :meth:`get_hessian_dataset`); nothing of ``Trainer`` is overridden, so training, evaluation and saving are inherited unchanged. The methods reuse
     the trainer's model (scored in eval mode), data collator, ``Accelerator`` and ``output_dir``,
     and read their settings from the ``influence_*`` fields of `InfluenceTrainingArguments`. They
     work after ``train()`` or on a loaded model. Scores are computed in fixed shards saved under
@@ -87,8 +88,8 @@ class InfluenceTrainerMixin:
         dataset = self._dataset_or_train(dataset, "fit_influence")
         path = basis_save_path(self._influence_root())
         if is_main_process(self.accelerator):
-            inf = self._influence_facade(progress=not self.args.disable_tqdm)
-            hessian = self._influence_loader(self._hessian_subset(dataset, settings))
+            inf = self.get_influence(progress=not self.args.disable_tqdm)
+            hessian = self.get_influence_dataloader(self.get_hessian_dataset(dataset))
             inf.fit_arnoldi(hessian, rank=settings.influence_rank, iterations=settings.influence_iterations).save(path)
         wait_for_everyone(self.accelerator)
         basis = ArnoldiBasis.load(path)
@@ -109,7 +110,7 @@ class InfluenceTrainerMixin:
         dataset = self._dataset_or_train(dataset, "self_influence")
         method = sharded_method(method or settings.influence_method)
         result = sharded_self_influence(
-            self._influence_facade(), self._influence_loader(dataset), self._influence_root() / "shards", method,
+            self.get_influence(), self.get_influence_dataloader(dataset), self._influence_root() / "shards", method,
             self._influence_basis(method), settings.influence_shard_size, self.accelerator, progress=not self.args.disable_tqdm,
         )
         self._log_shards(result.report)
@@ -133,7 +134,7 @@ class InfluenceTrainerMixin:
         train_dataset = self._dataset_or_train(train_dataset, "influence")
         method = sharded_method(method or settings.influence_method)
         result = sharded_scores(
-            self._influence_facade(), self._influence_loader(test_dataset), self._influence_loader(train_dataset),
+            self.get_influence(), self.get_influence_dataloader(test_dataset), self.get_influence_dataloader(train_dataset),
             self._influence_root() / "shards", method, self._influence_basis(method), knn, settings.influence_shard_size,
             self.accelerator, progress=not self.args.disable_tqdm,
         )
@@ -159,6 +160,33 @@ class InfluenceTrainerMixin:
         self.log({"influence/removed": float(drop.sum()), "influence/kept": float((~drop).sum())})
         return select_rows(dataset, torch.nonzero(~drop).flatten().tolist())
 
+    def get_influence(self, progress: bool = False) -> Influence:
+        """An `Influence` over the trainer's model with the ``influence_*`` settings (parameters, damping,
+        batch size, seed, projection, memory budget), for methods the trainer does not wrap (LiSSA,
+        random projection, spectra)."""
+        settings = self._influence_settings()
+        return Influence(
+            self.model, params=settings.influence_params, last_n_layers=settings.influence_last_n_layers,
+            damping=settings.influence_damping, batch_size=settings.influence_batch_size, seed=settings.influence_seed,
+            projection=settings.influence_projection, memory_budget_gb=settings.influence_memory_budget_gb, progress=progress,
+        )
+
+    def get_influence_dataloader(self, dataset: Any) -> DataLoader:
+        """``dataset`` as the influence methods read it: rows in order, columns the model does not take
+        removed, ``influence_batch_size`` rows per batch, collated by the trainer's collator."""
+        if hasattr(dataset, "column_names"):
+            dataset = self._remove_unused_columns(dataset, description="influence")
+        return DataLoader(dataset, batch_size=self.args.influence_batch_size, shuffle=False, collate_fn=TensorBatches(self.data_collator))
+
+    def get_hessian_dataset(self, dataset: Any = None) -> Any:
+        """The rows whose mean loss defines the Hessian of :meth:`fit_influence`: a seeded random subset
+        of ``influence_hessian_examples`` rows of ``dataset`` (default ``self.train_dataset``), in row order."""
+        settings = self._influence_settings()
+        dataset = self._dataset_or_train(dataset, "get_hessian_dataset")
+        count = min(settings.influence_hessian_examples, len(dataset))
+        rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(settings.influence_seed))[:count]
+        return select_rows(dataset, sorted(rows.tolist()))
+
     # ----------------------------------------------------------------- wiring
     def _influence_settings(self) -> InfluenceArgumentsMixin:
         if not isinstance(self.args, InfluenceArgumentsMixin):
@@ -172,30 +200,10 @@ class InfluenceTrainerMixin:
     def _influence_root(self) -> Path:
         return Path(self.args.output_dir) / self.args.influence_dir
 
-    def _influence_facade(self, progress: bool = False) -> Influence:
-        settings = self.args
-        return Influence(
-            self.model, params=settings.influence_params, last_n_layers=settings.influence_last_n_layers,
-            damping=settings.influence_damping, batch_size=settings.influence_batch_size, seed=settings.influence_seed,
-            projection=settings.influence_projection, memory_budget_gb=settings.influence_memory_budget_gb, progress=progress,
-        )
-
-    def _influence_loader(self, dataset: Any) -> DataLoader:
-        """Rows in order, columns the model does not take removed, batched by the trainer's collator."""
-        if hasattr(dataset, "column_names"):
-            dataset = self._remove_unused_columns(dataset, description="influence")
-        return DataLoader(dataset, batch_size=self.args.influence_batch_size, shuffle=False, collate_fn=TensorBatches(self.data_collator))
-
     def _dataset_or_train(self, dataset: Any, caller: str) -> Any:
         if dataset is None and self.train_dataset is None:
             raise TrainerMixinError(f"{caller}() needs a dataset: pass one, or build the trainer with train_dataset=.")
         return self.train_dataset if dataset is None else dataset
-
-    def _hessian_subset(self, dataset: Any, settings: InfluenceArgumentsMixin) -> Any:
-        """A seeded random subset of ``influence_hessian_examples`` rows, in row order."""
-        count = min(settings.influence_hessian_examples, len(dataset))
-        rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(settings.influence_seed))[:count]
-        return select_rows(dataset, sorted(rows.tolist()))
 
     def _influence_basis(self, method: Method) -> ArnoldiBasis | None:
         """The saved basis if it was fitted on the current weights with the same parameters, damping and rank
@@ -212,7 +220,7 @@ class InfluenceTrainerMixin:
     def _saved_basis_matches(self, root: Path) -> bool:
         if not basis_exists(root):
             return False
-        basis, settings, inf = ArnoldiBasis.load(root), self.args, self._influence_facade()
+        basis, settings, inf = ArnoldiBasis.load(root), self.args, self.get_influence()
         return (basis.param_names == list(inf.selection.names) and basis.fingerprint == inf.selection.fingerprint(self.model)
                 and basis.damping == settings.influence_damping and basis.rank == settings.influence_rank)
 

@@ -1,11 +1,14 @@
 """The offline evaluate modules agree with scikit-learn and sacrebleu called directly."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sacrebleu
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+from tokenizers import pre_tokenizers
 
-from hf_influence.recipes.tasks import load_metric
+from hf_influence.recipes.tasks import detokenize, load_metric
 
 
 def test_noise_detection_matches_scikit_learn():
@@ -39,3 +42,19 @@ def test_bleu_is_sacrebleu_corpus_bleu():
     expected = sacrebleu.corpus_bleu(hypotheses, [references])
     assert result["score"] == pytest.approx(expected.score, abs=1e-9) and 0 < result["score"] < 100
     assert result["signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+
+
+MULTI30K = Path(__file__).resolve().parents[3] / "shared" / "data" / "multi30k"
+
+
+@pytest.mark.skipif(not (MULTI30K / "test_2016_flickr.de").is_file(), reason="../shared/data/multi30k is absent")
+@pytest.mark.parametrize("lang", ["de", "en"])
+def test_detokenize_undoes_the_word_level_spacing_of_multi30k(lang):
+    """Split each test reference as the recipe's tokenizer does, join with spaces, detokenize: the
+    reference comes back (all but a few abbreviations like "E.S.E."), so BLEU reads untokenized text."""
+    words = pre_tokenizers.Whitespace()
+    lines = (MULTI30K / f"test_2016_flickr.{lang}").read_text().splitlines()
+    spaced = [" ".join(w for w, _ in words.pre_tokenize_str(line)) for line in lines]
+    restored = sum(detokenize(s) == line.strip() for s, line in zip(spaced, lines))
+    assert sum(s == line.strip() for s, line in zip(spaced, lines)) < 0.2 * len(lines)  # the spacing really differs
+    assert restored >= 0.99 * len(lines)
