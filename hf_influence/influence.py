@@ -9,10 +9,11 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ._utils.errors import InvalidInputError, TaskInferenceError
-from .data import RandomBatches, make_loader, to_device
+from .data import RandomBatches, batch_size_of, make_loader, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
 from .engine.prefix import PrefixReplay
@@ -156,11 +157,38 @@ class Influence:
             hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget).hvp
             krylov, hessenberg = krylov_iteration(hvp, start, iterations, self.progress, desc="Arnoldi")
         eigenvalues, eigenvectors = distill(krylov, hessenberg, rank)
-        description = self.selection.describe()
-        return ArnoldiBasis(
-            eigenvalues.cpu(), eigenvectors.cpu(), description["names"], description["shapes"], self.damping,
-            int(hessenberg.shape[1]), self.selection.fingerprint(self.model), type(self.model).__name__,
-        )
+        return self._basis(eigenvalues, eigenvectors, int(hessenberg.shape[1]), "hessian")
+
+    @_refuses_autocast
+    def fit_fisher(self, hessian_data: Any, rank: int = 20) -> ArnoldiBasis:
+        """Fit the top-``rank`` eigenpairs of the empirical Fisher ``F = mean_z g_z g_zᵀ`` over ``hessian_data``.
+
+        ``F`` is the Gauss-Newton-type curvature that K-FAC / EK-FAC approximate: positive
+        semi-definite, of rank at most the number of examples. Its eigenpairs are exact, from one pass
+        of per-example gradients and an SVD, with no HVP passes, so the fit costs about as much as
+        scoring the Hessian data once. The basis is used like :meth:`fit_arnoldi`'s (``method="arnoldi"``).
+        The per-example gradients are held at once: ``examples × P`` floats within ``memory_budget_gb``.
+        """
+        if rank < 1 or rank > self.selection.num_params:
+            raise InvalidInputError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
+        self.check_data(**{"Hessian data": hessian_data})
+        batches = self._materialize(hessian_data)
+        count, num = sum(batch_size_of(b) for b in batches), self.selection.num_params
+        if rank > count:
+            raise InvalidInputError(f"rank={rank} exceeds the {count} Hessian examples, the largest rank the empirical Fisher "
+                                    "can have: lower rank or pass more Hessian data.")
+        size = count * num * torch.finfo(accumulation_dtype(self._params())).bits // 8
+        if size > self.memory_budget:
+            raise InvalidInputError(
+                f"fit_fisher holds {count} × {num:,} per-example gradients ({size / 2**30:.2f} GiB), over memory_budget_gb="
+                f"{self.memory_budget / 2**30:g}: pass fewer Hessian examples, select fewer parameters, raise memory_budget_gb, "
+                "or use fit_arnoldi (HVP passes, no per-example gradients held)."
+            )
+        grad_fn = self._grad_fn(self.train_loss)
+        with eval_mode(self.model):
+            rows = torch.cat([grad_fn(b) for b in tqdm(batches, desc="Fisher gradients", disable=not self.progress)])
+        _, singular, right = torch.linalg.svd(rows / count**0.5, full_matrices=False)
+        return self._basis(singular[:rank] ** 2, right[:rank].contiguous(), 0, "fisher")
 
     @_refuses_autocast
     def scores(
@@ -371,6 +399,13 @@ class Influence:
         iterations = max(2 * rank, rank + 20)
         logger.info(f"No basis given: fitting Arnoldi (rank={rank}, iterations={iterations}) on the Hessian data.")
         return self.fit_arnoldi(hessian_data, rank=rank, iterations=iterations)
+
+    def _basis(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, iterations: int, curvature: str) -> ArnoldiBasis:
+        description = self.selection.describe()
+        return ArnoldiBasis(
+            eigenvalues.cpu(), eigenvectors.cpu(), description["names"], description["shapes"], self.damping, iterations,
+            self.selection.fingerprint(self.model), type(self.model).__name__, curvature,
+        )
 
     def _check_basis(self, basis: ArnoldiBasis) -> None:
         described = self.selection.describe()

@@ -30,10 +30,15 @@ class Task(Protocol):
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half/bf16 logits upcast to fp32 for the loss; fp32 and fp64 kept as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of token cross-entropies per sequence; -100 labels contribute nothing. ``[B]``."""
     token_loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        _at_least_fp32(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
     )
     return token_loss.reshape(labels.shape).sum(dim=-1)
 
@@ -52,13 +57,13 @@ class SequenceClassificationTask:
 
     def per_example_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits.float()  # [B, C]
+        logits = _at_least_fp32(model(**inputs).logits)  # [B, C]
         labels = batch["labels"]
         problem = getattr(model.config, "problem_type", None)
         if problem == "regression" or (problem is None and logits.shape[-1] == 1):
-            return (logits - labels.float().reshape(logits.shape)).pow(2).sum(dim=-1)
+            return (logits - labels.to(logits.dtype).reshape(logits.shape)).pow(2).sum(dim=-1)
         if problem == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(dim=-1)
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").sum(dim=-1)
         return F.cross_entropy(logits, labels, reduction="none")
 
 

@@ -18,7 +18,7 @@ from .. import Influence
 from .._utils.errors import InvalidInputError
 from .._utils.io import check_writable_dir
 from ..distributed import is_main_process, start_processes, wait_for_everyone
-from ..engine.ihvp.arnoldi import basis_save_path
+from ..engine.ihvp.arnoldi import CURVATURES, basis_save_path
 from .arguments import DataArguments, InfluenceArguments, ModelArguments
 from .loading import load_model, load_split
 from .outputs import listing, model_description, print_table, update_run_config
@@ -30,12 +30,16 @@ class FitArguments:
 
     rank: int = field(default=20, metadata={"help": "Eigenpairs kept (p̄): the largest |λ| of the Krylov space."})
     iterations: int = field(default=60, metadata={"help": "Arnoldi iterations n (one HVP pass over the Hessian data each); >= rank."})
+    curvature: str = field(default="hessian", metadata={"help": "'hessian' (Arnoldi) or 'fisher' (the empirical Fisher's exact "
+                                                                "eigenpairs from one pass of per-example gradients; --iterations unused)."})
     spectrum: bool = field(default=True, metadata={"help": "Also estimate λ_max, λ_min (Lanczos) and tr(H) (Hutch++), "
                                                            "with error bars, for the config file and summary."})
     spectrum_iterations: int = field(default=30, metadata={"help": "Lanczos steps of the spectrum estimate."})
     trace_matvecs: int = field(default=30, metadata={"help": "HVPs spent on the trace estimate."})
 
     def __post_init__(self):
+        if self.curvature not in CURVATURES:
+            raise InvalidInputError(f"--curvature must be one of {CURVATURES}, got {self.curvature!r}.")
         if not 1 <= self.rank <= self.iterations:
             raise InvalidInputError(f"Need 1 <= --rank <= --iterations, got rank={self.rank}, iterations={self.iterations}: raise --iterations.")
         if self.spectrum_iterations < 1 or self.trace_matvecs < 1:
@@ -67,17 +71,20 @@ def run_fit(model_args: ModelArguments, data_args: DataArguments, inf_args: Infl
 def _fit_and_save(inf: Influence, hessian, inf_args: InfluenceArguments, args: FitArguments) -> dict:
     """The spectrum (optional) and the basis, saved; the figures for the config file."""
     spectrum = inf.spectrum(hessian, iterations=args.spectrum_iterations, trace_matvecs=args.trace_matvecs) if args.spectrum else None
-    basis = inf.fit_arnoldi(hessian, rank=args.rank, iterations=args.iterations)
+    if args.curvature == "fisher":
+        basis = inf.fit_fisher(hessian, rank=args.rank)
+    else:
+        basis = inf.fit_arnoldi(hessian, rank=args.rank, iterations=args.iterations)
     path = basis.save(basis_save_path(inf_args.output_dir))
     return {"basis": str(path), "hessian_examples": len(hessian), "num_params": inf.selection.num_params,
-            "iterations_completed": basis.iterations, "eigenvalues": basis.eigenvalues.tolist(),
+            "curvature": basis.curvature, "iterations_completed": basis.iterations, "eigenvalues": basis.eigenvalues.tolist(),
             "spectrum": None if spectrum is None else dataclasses.asdict(spectrum)}
 
 
 def _print_summary(result: dict, output_dir: str) -> None:
     eigenvalues = result["eigenvalues"]
     rows = [("Hessian examples", result["hessian_examples"]), ("parameters", f"{result['num_params']:,}"),
-            ("Arnoldi iterations", result["iterations_completed"]), ("rank kept", len(eigenvalues)),
+            ("curvature", result["curvature"]), ("Arnoldi iterations", result["iterations_completed"]), ("rank kept", len(eigenvalues)),
             ("eigenvalues kept", f"{eigenvalues[0]:.4g} ... {eigenvalues[-1]:.4g}")]
     spectrum = result["spectrum"]
     if spectrum is not None:

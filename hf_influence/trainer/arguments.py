@@ -8,6 +8,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .._utils.errors import InvalidInputError
 from ..distributed import SHARDED_METHODS
+from ..engine.ihvp.arnoldi import CURVATURES
 
 PROJECTIONS = ("auto", "jvp", "grads")
 
@@ -30,6 +31,9 @@ class InfluenceArgumentsMixin:
     influence_damping: float = field(default=1e-3, metadata={"help": "Additive damping λ: scores use (H + λI)^-1."})
     influence_rank: int = field(default=20, metadata={"help": "Arnoldi: eigenpairs kept (p̄)."})
     influence_iterations: int = field(default=100, metadata={"help": "Arnoldi: iterations (one HVP pass over the Hessian data each)."})
+    influence_curvature: str = field(default="hessian", metadata={
+        "help": "Eigenbasis of the 'hessian' (Arnoldi, influence_iterations HVP passes) or the empirical 'fisher' "
+                "(exact, one pass of per-example gradients over the Hessian rows)."})
     influence_hessian_examples: int = field(default=512, metadata={
         "help": "Arnoldi: the Hessian is that of the mean loss over a seeded random subset of this many training rows."})
     influence_batch_size: int = field(default=16, metadata={"help": "Examples per batch for per-example gradients and HVPs."})
@@ -49,6 +53,8 @@ class InfluenceArgumentsMixin:
             raise InvalidInputError(f"influence_method must be one of {methods}, got {self.influence_method!r}.")
         if self.influence_projection not in PROJECTIONS:
             raise InvalidInputError(f"influence_projection must be one of {PROJECTIONS}, got {self.influence_projection!r}.")
+        if self.influence_curvature not in CURVATURES:
+            raise InvalidInputError(f"influence_curvature must be one of {CURVATURES}, got {self.influence_curvature!r}.")
         if self.influence_damping < 0:
             raise InvalidInputError(f"influence_damping must be >= 0 (additive, (H + λI)^-1), got {self.influence_damping}.")
         if not 1 <= self.influence_rank <= self.influence_iterations:

@@ -71,7 +71,8 @@ class InfluenceTrainerMixin:
 
     # ----------------------------------------------------------------- public methods
     def fit_influence(self, dataset: Any = None) -> ArnoldiBasis:
-        """Fit and save the Arnoldi eigenbasis of the Hessian for the model's current weights.
+        """Fit and save the Arnoldi eigenbasis of the Hessian (or, with ``influence_curvature="fisher"``,
+        the exact eigenbasis of the empirical Fisher) for the model's current weights.
 
         The Hessian is that of the mean training loss over a seeded random subset of
         ``influence_hessian_examples`` rows of ``dataset``. The main process fits and saves it to
@@ -90,7 +91,11 @@ class InfluenceTrainerMixin:
         if is_main_process(self.accelerator):
             inf = self.get_influence(progress=not self.args.disable_tqdm)
             hessian = self.get_influence_dataloader(self.get_hessian_dataset(dataset))
-            inf.fit_arnoldi(hessian, rank=settings.influence_rank, iterations=settings.influence_iterations).save(path)
+            if settings.influence_curvature == "fisher":
+                basis = inf.fit_fisher(hessian, rank=settings.influence_rank)
+            else:
+                basis = inf.fit_arnoldi(hessian, rank=settings.influence_rank, iterations=settings.influence_iterations)
+            basis.save(path)
         wait_for_everyone(self.accelerator)
         basis = ArnoldiBasis.load(path)
         self.log({"influence/basis_rank": float(basis.rank), "influence/lambda_max": float(basis.eigenvalues[0]),
@@ -104,7 +109,7 @@ class InfluenceTrainerMixin:
             dataset (`datasets.Dataset`, *optional*): defaults to ``self.train_dataset``; scored in row order.
             method (`str`, *optional*): ``"arnoldi"`` or ``"tracin"``; defaults to ``influence_method``.
                 Arnoldi reuses the saved basis if it was fitted on the current weights with the same
-                parameters, damping and rank; otherwise it calls :meth:`fit_influence` first.
+                parameters, damping, rank and curvature; otherwise it calls :meth:`fit_influence` first.
         """
         settings = self._influence_settings()
         dataset = self._dataset_or_train(dataset, "self_influence")
@@ -206,7 +211,7 @@ class InfluenceTrainerMixin:
         return self.train_dataset if dataset is None else dataset
 
     def _influence_basis(self, method: Method) -> ArnoldiBasis | None:
-        """The saved basis if it was fitted on the current weights with the same parameters, damping and rank
+        """The saved basis if it was fitted on the current weights with the same parameters, damping, rank and curvature
         (the main process decides, so every rank agrees), else a new :meth:`fit_influence`."""
         if method is not Method.ARNOLDI:
             return None
@@ -222,7 +227,8 @@ class InfluenceTrainerMixin:
             return False
         basis, settings, inf = ArnoldiBasis.load(root), self.args, self.get_influence()
         return (basis.param_names == list(inf.selection.names) and basis.fingerprint == inf.selection.fingerprint(self.model)
-                and basis.damping == settings.influence_damping and basis.rank == settings.influence_rank)
+                and basis.damping == settings.influence_damping and basis.rank == settings.influence_rank
+                and basis.curvature == settings.influence_curvature)
 
     def _log_shards(self, report: Any) -> None:
         self.log({"influence/shards_computed": float(len(report.computed)), "influence/shards_skipped": float(report.skipped)})

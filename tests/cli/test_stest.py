@@ -54,7 +54,9 @@ def test_files_equal_the_api_and_rerun_resumes(trained_bert, saved, tmp_path):
     assert run_cli(saved, out, "--max_test_examples", "4") == 0  # group [2, 3] was unfinished: recomputed whole
     assert stest_save_path(out, 0).stat().st_mtime_ns == first_write  # finished group untouched
     rerun = saved_vectors(out, 4)
-    assert torch.equal(rerun[:3], first)  # the recomputed point 2 is bit-identical: same group, same seeds
+    assert torch.equal(rerun[:2], first[:2])  # the finished group was read back, not recomputed
+    # point 2 was solved alone, now beside point 3 (same seeds): equal up to fp64 reduction order
+    torch.testing.assert_close(rerun[2], first[2], atol=1e-12 * float(first.abs().max()), rtol=0)
     torch.testing.assert_close(rerun, expected, atol=API_ATOL, rtol=0)
     assert not list(out.rglob("*.tmp"))
 

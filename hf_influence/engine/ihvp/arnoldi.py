@@ -18,6 +18,7 @@ from ..._utils.io import load_tensors, save_tensors
 from .base import check_damping
 
 BASIS_FILE = "arnoldi_basis.safetensors"
+CURVATURES = ("hessian", "fisher")  # fitted by Influence.fit_arnoldi / Influence.fit_fisher
 
 
 def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +36,18 @@ def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> tuple[t
 
 @dataclass
 class ArnoldiBasis:
-    """Top eigenpairs of the Hessian over a parameter selection, tied to one model's weights.
+    """Top eigenpairs of the Hessian (or of the empirical Fisher) over a parameter selection, tied to one model's weights.
 
     Attributes:
         eigenvalues (`torch.Tensor` of shape `[p̄]`): λ_i, ordered by decreasing |λ|.
         eigenvectors (`torch.Tensor` of shape `[p̄, P]`): orthonormal u_i in ``named_parameters()`` order.
         param_names (`list[str]`), param_shapes (`list[list[int]]`): the parameter selection.
         damping (`float`): additive λ used in scores.
-        iterations (`int`): Arnoldi iterations run.
+        iterations (`int`): Arnoldi iterations run (0 for the Fisher, which is decomposed exactly).
         fingerprint (`str`): hash of the selected weights (see ``ParamSelection.fingerprint``).
         model_class (`str`): class name of the model it was fitted on.
+        curvature (`str`, defaults to `"hessian"`): ``"hessian"`` (``Influence.fit_arnoldi``) or
+            ``"fisher"`` (``Influence.fit_fisher``).
     """
 
     eigenvalues: torch.Tensor
@@ -55,6 +58,7 @@ class ArnoldiBasis:
     iterations: int
     fingerprint: str
     model_class: str
+    curvature: str = "hessian"
 
     @property
     def rank(self) -> int:
@@ -65,7 +69,7 @@ class ArnoldiBasis:
         return 1.0 / (self.eigenvalues + check_damping(self.damping))
 
     def metadata(self) -> dict:
-        keys = ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class")
+        keys = ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class", "curvature")
         return {"kind": "arnoldi_basis", "rank": self.rank, **{k: getattr(self, k) for k in keys}}
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -124,4 +128,4 @@ def load_basis(path: str | os.PathLike) -> ArnoldiBasis:
     if meta.get("kind") != "arnoldi_basis":
         raise IncompatibleBasisError(f"{target} holds a {meta.get('kind')!r}, not an Arnoldi basis.")
     fields = {k: meta[k] for k in ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class")}
-    return ArnoldiBasis(tensors["eigenvalues"], tensors["eigenvectors"], **fields)
+    return ArnoldiBasis(tensors["eigenvalues"], tensors["eigenvectors"], **fields, curvature=meta.get("curvature", "hessian"))
