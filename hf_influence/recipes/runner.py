@@ -2,7 +2,7 @@
 
 The shape of Schioppa et al. (2023): synthetic noise with known rows (flipped NLI labels, permuted
 translation references), noise-detection AUC / AP of every ranking side by side (random, loss or
-perplexity, TracIn, random projection, Arnoldi at several p̄, LiSSA on a subset), then the test
+perplexity, TracIn, random projection, the empirical Fisher's eigenbasis, Arnoldi at several p̄, LiSSA on a subset), then the test
 quality of models trained on the clean, the noisy and the filtered data. Writes under ``output_dir``:
 ``noise.json``, ``results.json``, ``results.md``, the model card (``README.md``) and the filtered
 training set with its card (``filtered_dataset/``); ``card_dir`` gets copies of both cards.
@@ -35,7 +35,7 @@ from .data import load_nli, load_translation
 from .noise import NOISY_COLUMN, NoiseRecord
 from .tasks import RECIPE_TASKS, load_metric
 
-BASELINES = ("random", "loss", "tracin", "randproj", "lissa")
+BASELINES = ("random", "loss", "tracin", "randproj", "fisher", "lissa")
 LISSA_MAX_REPEATS = 2
 
 
@@ -154,6 +154,9 @@ def _rankings(trainer, recipe, noisy: Dataset, args: RecipeArguments, timer: _Ti
         scores["tracin"] = timer.run("tracin", trainer.self_influence, None, "tracin")
     if "randproj" in args.baselines:
         scores[f"randproj p̄={max(args.ranks)}"] = timer.run(f"randproj p̄={max(args.ranks)}", lambda: inf.self_influence(loader, method="randproj", rank=max(args.ranks), hessian_data=hessian_loader))
+    if "fisher" in args.baselines:
+        name = f"fisher eigenbasis p̄={max(args.ranks)}"
+        scores[name] = timer.run(name, lambda: inf.self_influence(loader, method="arnoldi", basis=inf.fit_fisher(hessian_loader, rank=max(args.ranks))))
     if "loss" in args.baselines:
         scores[recipe.loss_name] = timer.run(recipe.loss_name, recipe.loss, trainer, noisy)
     if "random" in args.baselines:
