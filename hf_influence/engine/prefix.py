@@ -3,9 +3,11 @@
 Every pass over the Hessian data (an Arnoldi or Lanczos step, a trace probe) runs the model on the
 same batches in eval mode. The modules that finish before any selected parameter is used (the
 embeddings and the layers below the selection) compute the same outputs on every pass: the
-selection cannot reach them. :class:`PrefixReplay` runs them once per batch, keeps their outputs,
-and replays those on later passes, so an HVP pass costs only the part of the model the selection
-touches. With the last layer of a 12-layer encoder selected, that skips 11 layers' forward work.
+selection cannot reach them. :class:`PrefixReplay` runs them once per batch and replays their
+outputs on later passes, so an HVP pass costs only the part of the model the selection touches:
+with the last layer of a 12-layer encoder selected, that skips 11 layers' forward work. Only the
+outputs read past the prefix are kept (the hidden states entering the selection); the others (the
+embeddings feeding layer 0, ...) are replayed as shape-only stand-ins that hold no memory.
 
 The replay is checked before use: the HVP of one batch with and without it must agree (twice, so an
 in-place change of a kept output shows) and replaying must not raise; if not, or if the kept outputs
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
 from ..data import Batch
@@ -29,9 +32,20 @@ from .hvp import batch_hvp, dataset_hvp
 logger = logging.get_logger(__name__)
 
 
-def prefix_modules(loss_fn: LossFunction, params: Params, batch: Batch) -> list[nn.Module]:
+class PrefixModule(NamedTuple):
+    """A module of the frozen prefix, and whether its output is read once the selection is in use."""
+
+    module: nn.Module
+    read_later: bool  # kept and replayed; otherwise replayed as a shape-only stand-in (no memory)
+
+
+def prefix_modules(loss_fn: LossFunction, params: Params, batch: Batch) -> list[PrefixModule]:
     """The largest modules whose every call ends before the first call of a module owning a selected
-    parameter (found by one hooked forward of ``batch``); empty when the selection is used first."""
+    parameter (found by one hooked forward of ``batch``); empty when the selection is used first.
+
+    A second forward finds which of their outputs are *read later*: used by any torch operation
+    that runs outside the prefix modules (the embeddings feed only layer 0: not read later; the
+    layer below the selection is)."""
     model = loss_fn.module.model
     selected = {id(model.get_parameter(name)) for name in loss_fn.selection.names}
     owners = {m for m in model.modules() if any(id(p) in selected for p in m._parameters.values() if p is not None)}
@@ -46,28 +60,96 @@ def prefix_modules(loss_fn: LossFunction, params: Params, batch: Batch) -> list[
     def after(module: nn.Module, args: Any, output: Any) -> None:
         spans[module][1] = next(clock)
 
-    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
-        with torch.no_grad():
-            loss_fn(params, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _hooked(model.modules(), before, after), torch.no_grad():
+        loss_fn(params, batch)
     if first_owner_call[0] == float("inf"):  # the loss never reached the selection: nothing to gain
         return []
     prefix = {m for m, (_, end) in spans.items() if end < first_owner_call[0]}
     names = {m: name for name, m in model.named_modules() if m in prefix}
-    return [m for m, name in names.items() if not any(name.startswith(f"{other}.") for other in names.values())]
+    largest = [m for m, name in names.items() if not any(name.startswith(f"{other}.") for other in names.values())]
+    read = _read_later(loss_fn, params, batch, largest)
+    return [PrefixModule(m, index in read) for index, m in enumerate(largest)]
+
+
+# what a shape-only stand-in answers like the real tensor: reading these is not reading the data
+_METADATA = {"dtype", "shape", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_meta", "is_nested",
+             "size", "dim", "numel", "element_size", "is_floating_point", "is_complex", "get_device"}
+
+
+def _name(func: Callable) -> str:
+    owner = getattr(func, "__self__", None)  # a property getter is the descriptor's __get__
+    return getattr(owner, "__name__", "") if getattr(func, "__name__", "") == "__get__" else getattr(func, "__name__", "")
+
+
+class _ReadTracker(TorchFunctionMode):
+    """Notes which prefix modules' output tensors a torch operation outside every prefix module uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.produced: dict[int, int] = {}  # id of an output tensor -> index of the prefix module
+        self.alive: list[Any] = []  # the outputs, so their ids stay unique for the whole forward
+        self.depth, self.read = 0, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth == 0 and _name(func) not in _METADATA:
+            self.read.update(self.produced[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.produced)
+        return func(*args, **kwargs)
+
+
+def _read_later(loss_fn: LossFunction, params: Params, batch: Batch, modules: list[nn.Module]) -> set[int]:
+    tracker, index_of = _ReadTracker(), {m: i for i, m in enumerate(modules)}
+
+    def before(module: nn.Module, args: Any) -> None:
+        tracker.depth += 1
+
+    def after(module: nn.Module, args: Any, output: Any) -> None:
+        tracker.depth -= 1
+        tracker.produced.update((id(t), index_of[module]) for t in _tensors(output))
+        tracker.alive.append(output)
+
+    with _hooked(modules, before, after), torch.no_grad(), tracker:
+        loss_fn(params, batch)
+    return tracker.read
+
+
+@contextlib.contextmanager
+def _hooked(modules: Iterable[nn.Module], before: Callable, after: Callable) -> Iterator[None]:
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists and dicts (``ModelOutput`` included)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _stand_in(value: Any) -> Any:
+    """``value`` with every tensor replaced by a zero-strided one of the same shape, dtype and device."""
+    if isinstance(value, torch.Tensor):
+        return torch.zeros((), dtype=value.dtype, device=value.device).expand(value.shape)
+    if isinstance(value, dict):
+        return type(value)(**{k: _stand_in(v) for k, v in value.items()})
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_stand_in(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_stand_in(v) for v in value)
+    return value
 
 
 def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+    return sum(t.untyped_storage().nbytes() for t in _tensors(value))  # a stand-in holds one element
 
 
 class PrefixReplay:
@@ -82,7 +164,9 @@ class PrefixReplay:
 
     def __init__(self, loss_fn: LossFunction, params: Params, batches: list[Batch], memory_budget: float):
         self.loss_fn, self.params, self.batches = loss_fn, params, batches
-        self.modules = prefix_modules(loss_fn, params, batches[0]) if batches else []
+        found = prefix_modules(loss_fn, params, batches[0]) if batches else []
+        self.modules = [p.module for p in found]
+        self.read_later = [p.read_later for p in found]
         self.outputs: list[list[list[Any]]] = []  # [batch][module][call]
         self._active: list[list[Any]] | None = None  # outputs of the batch being replayed
         if self.modules:
@@ -123,7 +207,7 @@ class PrefixReplay:
     def _recorder(self, index: int, original: Callable, kept: list) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
-            kept[-1][index].append(output)
+            kept[-1][index].append(output if self.read_later[index] else _stand_in(output))
             return output
 
         return forward

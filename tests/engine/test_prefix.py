@@ -27,16 +27,17 @@ def replay(model, batches, budget: float = 2**30, **selection):
         return prefix, prefix.hvp(vectors), prefix.hvp(vectors), dataset_hvp(loss_fn, params, batches, vectors)
 
 
-@pytest.mark.parametrize("selection, expected", [
-    ({"last_n_layers": 1}, ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"]),  # layer 2 + head selected
-    ({"params": [r"classifier", r"pooler"]}, ["bert.embeddings", "bert.encoder"]),
+@pytest.mark.parametrize("selection, expected, kept", [
+    ({"last_n_layers": 1}, ["bert.embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"], [False, False, True]),  # layer 2 + head selected
+    ({"params": [r"classifier", r"pooler"]}, ["bert.embeddings", "bert.encoder"], [False, True]),
 ])
-def test_bert_replays_the_layers_below_the_selection(selection, expected):
+def test_bert_replays_the_layers_below_the_selection(selection, expected, kept):
     model = utils.tiny_bert(layers=3).double().eval()
     batches = batches_of(utils.classification_dataset(10), 4)  # unequal last batch, its own padding
     prefix, first, second, full = replay(model, batches, **selection)
     names = {module: name for name, module in model.named_modules()}
     assert [names[m] for m in prefix.modules] == expected
+    assert prefix.read_later == kept  # only the hidden states entering the selection are held
     assert prefix.active
     torch.testing.assert_close(first, full, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(second, full, rtol=1e-10, atol=1e-12)
@@ -59,7 +60,7 @@ def test_nothing_to_replay_when_the_embeddings_are_selected():
 
 def test_over_the_memory_budget_every_pass_runs_the_whole_model():
     model = utils.tiny_bert().double().eval()
-    prefix, first, _, full = replay(model, batches_of(utils.classification_dataset(6), 3), budget=1024, params=[r"classifier"])
+    prefix, first, _, full = replay(model, batches_of(utils.classification_dataset(6), 3), budget=64, params=[r"classifier"])
     assert prefix.modules and not prefix.active
     torch.testing.assert_close(first, full)
 
