@@ -6,7 +6,6 @@ import torch
 import hf_influence as hfi
 from hf_influence._utils.errors import InvalidInputError
 from hf_influence.data import PaddingCollator
-from tests import utils
 
 DAMPING = 0.05
 
