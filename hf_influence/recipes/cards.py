@@ -21,13 +21,13 @@ def _results(run: dict) -> list[EvalResult]:
     results = []
     for training, runs in run["quality"].items():
         results.append(EvalResult(
-            task_type=task_type, task_name=task_name, dataset_type=run["dataset_id"], dataset_name=run["test_name"],
+            task_type=task_type, task_name=task_name, dataset_type=run["dataset_id"], dataset_config=run.get("dataset_config"), dataset_name=run["test_name"],
             dataset_split="test", metric_type=run["quality_name"], metric_value=round(sum(runs) / len(runs), 4),
             metric_name=f"{run['quality_name']} after training on the {training} data (mean of {len(runs)} runs)"))
     for ranking, row in run["detection"].items():
         for metric in ("auc", "ap"):
             results.append(EvalResult(
-                task_type="noise-detection", task_name="Noisy training pair detection", dataset_type=run["dataset_id"],
+                task_type="noise-detection", task_name="Noisy training pair detection", dataset_type=run["dataset_id"], dataset_config=run.get("dataset_config"),
                 dataset_name=f"{run['dataset_name']} with synthetic noise", dataset_split="train", metric_type=f"noise_detection_{metric}",
                 metric_value=round(row[metric], 4), metric_name=f"{ranking} {metric.upper()}"))
     return results

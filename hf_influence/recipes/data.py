@@ -6,14 +6,14 @@ Every loader returns ``(train, test)`` with the columns the recipes use: ``premi
 
 from __future__ import annotations
 
-from datasets import Dataset, load_dataset
+from datasets import ClassLabel, Dataset, load_dataset
 
 from .._utils.errors import InvalidInputError
-from ..corpora import load_multi30k, load_sick, load_snli, load_wmt21
+from ..corpora import NLI_LABELS, load_multi30k, load_sick, load_snli, load_wmt21
 
 LOCAL_NLI = {"sick": load_sick, "snli": load_snli}
 LOCAL_TRANSLATION = {"multi30k": load_multi30k}
-HUB_NLI = {"glue/mnli": ("nyu-mll/glue", "mnli", "train", "validation_matched")}
+HUB_NLI = {"glue/mnli": ("nyu-mll/glue", "mnli", "train", "validation_matched"), "hub/snli": ("stanfordnlp/snli", None, "train", "test")}
 HUB_TRANSLATION = {"wmt16": ("wmt/wmt16", "de-en", "train", "test")}
 
 
@@ -24,9 +24,27 @@ def load_nli(name: str, data_dir: str | None) -> tuple[Dataset, Dataset]:
         return (splits["train"] if "train" in splits else splits["validation"]), splits["test"]
     if name in HUB_NLI:
         repo, config, train_split, test_split = HUB_NLI[name]
-        splits = load_dataset(repo, config)  # GLUE MNLI labels: 0 entailment, 1 neutral, 2 contradiction = NLI_LABELS
-        return tuple(splits[s].select_columns(["premise", "hypothesis", "label"]) for s in (train_split, test_split))
+        splits = load_dataset(repo, config)
+        return tuple(_nli_labels(splits[s].select_columns(["premise", "hypothesis", "label"]), f"{repo} {s}") for s in (train_split, test_split))
     raise InvalidInputError(_unknown(name, data_dir, LOCAL_NLI, HUB_NLI))
+
+
+def hub_id(name: str) -> tuple[str, str | None]:
+    """``(repository, config)`` of a Hub dataset name (for card metadata); a local corpus keeps its name."""
+    hub = HUB_NLI.get(name) or HUB_TRANSLATION.get(name)
+    return (hub[0], hub[1]) if hub else (name, None)
+
+
+def _nli_labels(split: Dataset, where: str) -> Dataset:
+    """Labels over ``NLI_LABELS`` whatever the Hub copy's order, without its unlabelled rows (label -1: no gold label)."""
+    feature = split.features["label"]
+    if not isinstance(feature, ClassLabel) or set(feature.names) != set(NLI_LABELS):
+        raise InvalidInputError(f"{where}: expected a ClassLabel over {NLI_LABELS}, found {feature}.")
+    split = split.filter(lambda label: label >= 0, input_columns="label")
+    if list(feature.names) != list(NLI_LABELS):
+        order = [NLI_LABELS.index(name) for name in feature.names]
+        split = split.map(lambda label: {"label": order[label]}, input_columns="label")
+    return split.cast_column("label", ClassLabel(names=list(NLI_LABELS)))
 
 
 def load_translation(name: str, data_dir: str | None, source: str, target: str, test_dir: str | None = None) -> tuple[Dataset, Dataset]:

@@ -31,7 +31,7 @@ from ..cli.outputs import ROW_INDEX, library_versions, save_dataset
 from ..engine.ihvp.lissa import choose_lissa_config
 from ..metrics import noisy_mask
 from .cards import dataset_card, model_card
-from .data import load_nli, load_translation
+from .data import hub_id, load_nli, load_translation
 from .noise import NOISY_COLUMN, NoiseRecord
 from .tasks import RECIPE_TASKS, load_metric
 
@@ -44,7 +44,7 @@ class RecipeArguments:
     """Settings of a recipe run (YAML configs in ``recipes/nli`` and ``recipes/translation``)."""
 
     task: str = field(default="nli", metadata={"help": "'nli' (label flips, accuracy) or 'translation' (permuted references, BLEU)."})
-    dataset: str = field(default="sick", metadata={"help": "sick, snli, multi30k (local, with data_dir) or glue/mnli, wmt16 (Hub)."})
+    dataset: str = field(default="sick", metadata={"help": "sick, snli, multi30k (local, with data_dir) or glue/mnli, hub/snli, wmt16 (Hub)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder of the local corpus (../shared/data/<name> here)."})
     test_dir: str | None = field(default=None, metadata={"help": "Translation: a WMT21 newstest folder to test on instead."})
     source_lang: str = field(default="en", metadata={"help": "Translation source language."})
@@ -250,7 +250,8 @@ def run_recipe(args: RecipeArguments) -> dict:
 
     name = args.run_name or f"{args.task}-{args.dataset.replace('/', '-')}"
     run = {
-        "model_name": name, "task": args.task, "command": _command(), "processes": int(os.environ.get("WORLD_SIZE", "1")), "dataset_name": args.dataset, "dataset_id": args.dataset,
+        "model_name": name, "task": args.task, "command": _command(), "processes": int(os.environ.get("WORLD_SIZE", "1")), "dataset_name": args.dataset,
+        "dataset_id": hub_id(args.dataset)[0], "dataset_config": hub_id(args.dataset)[1],
         "data_dir": args.data_dir, "test_name": f"{args.dataset} test" if not args.test_dir else "WMT21 newstest", "num_train": len(train),
         "num_test": len(test), "noise": dataclasses.asdict(record), "filter_method": args.filter_method,
         "filter_fraction": args.filter_fraction, "removed": int(drop.sum()), "removed_noisy": int(removed_noisy), "kept": len(kept_rows),
