@@ -57,6 +57,8 @@ class RecipeArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Start from this checkpoint; default: a small model from config."})
     hidden_size: int = field(default=64, metadata={"help": "From-config model width."})
     num_layers: int = field(default=2, metadata={"help": "From-config model depth (encoder and decoder each)."})
+    overlap_hint: bool = field(default=False, metadata={"help": "NLI: append the words the hypothesis adds to and drops from the premise "
+                                                                  "(exact-match features) for small models trained from scratch."})
     max_length: int = field(default=64, metadata={"help": "Tokens per side (truncation), and generation limit."})
     min_word_frequency: int = field(default=2, metadata={"help": "Translation word-level vocabulary: minimum count."})
     num_beams: int = field(default=1, metadata={"help": "Translation: beams when generating the test set."})

@@ -71,7 +71,10 @@ class NliRecipeTask:
             self.tokenizer = fast_tokenizer(build_tokenizer([t for pair in zip(train["premise"], train["hypothesis"]) for t in pair]))
 
     def encode(self, data: Dataset) -> Dataset:
-        encoded = self.tokenizer(list(data["premise"]), list(data["hypothesis"]), truncation=True, max_length=self.config.max_length)
+        premises, hypotheses = list(data["premise"]), list(data["hypothesis"])
+        if self.config.overlap_hint:
+            hypotheses = [with_overlap_hint(p, h, self.tokenizer.sep_token) for p, h in zip(premises, hypotheses)]
+        encoded = self.tokenizer(premises, hypotheses, truncation=True, max_length=self.config.max_length)
         return data.rename_column("label", "labels").map(lambda _, i: {k: v[i] for k, v in encoded.items()}, with_indices=True)
 
     def model(self, seed: int) -> torch.nn.Module:
@@ -96,6 +99,18 @@ class NliRecipeTask:
     def loss(self, trainer: InfluenceTrainer, train: Dataset) -> torch.Tensor:
         output = trainer.predict(train)
         return torch.nn.functional.cross_entropy(torch.as_tensor(output.predictions).float(), torch.as_tensor(output.label_ids), reduction="none")
+
+
+def with_overlap_hint(premise: str, hypothesis: str, separator: str = "[SEP]") -> str:
+    """The hypothesis followed by the words it adds to the premise and the words it drops from it
+    (case-insensitive, in order): ``"A dog runs [SEP] dog runs [SEP] cat sleeps"`` for premise
+    ``"A cat sleeps"``. The exact-match features of pre-BERT NLI models, as text: a small encoder
+    trained from scratch on a few thousand pairs does not learn to align words by itself."""
+    premise_words, hypothesis_words = premise.split(), hypothesis.split()
+    in_premise, in_hypothesis = {w.lower() for w in premise_words}, {w.lower() for w in hypothesis_words}
+    added = [w for w in hypothesis_words if w.lower() not in in_premise]
+    dropped = [w for w in premise_words if w.lower() not in in_hypothesis]
+    return f"{hypothesis} {separator} {' '.join(added)} {separator} {' '.join(dropped)}"
 
 
 class TranslationRecipeTask:

@@ -13,6 +13,7 @@ from hf_influence.cli.main import main
 from hf_influence.metrics import noise_detection_metrics
 from hf_influence.recipes import NoiseRecord
 from hf_influence.recipes.runner import RecipeArguments, run_recipe
+from hf_influence.recipes.tasks import with_overlap_hint
 
 SICK = Path(__file__).resolve().parents[3] / "shared" / "data" / "sick"
 
@@ -22,7 +23,7 @@ def tiny_run(tmp_path_factory):
     if not (SICK / "SICK.txt").is_file():
         pytest.skip("../shared/data/sick is absent")
     out = tmp_path_factory.mktemp("recipe")
-    args = RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), max_train=160, max_test=60, epochs=1, hidden_size=32,
+    args = RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), max_train=160, max_test=60, epochs=1, hidden_size=32, overlap_hint=True,
                            ranks=[3, 6], iterations=12, hessian_examples=48, baselines=["random", "loss", "tracin"],
                            output_dir=str(out / "run"), card_dir=str(out / "cards"), run_name="tiny-sick")
     return run_recipe(args), out
@@ -83,3 +84,9 @@ def test_bad_settings_stop_before_any_work(options, message, capsys):
 def test_a_local_dataset_without_its_folder_says_where_to_point():
     with pytest.raises(InvalidInputError, match="data_dir"):
         run_recipe(RecipeArguments(task="nli", dataset="sick"))
+
+
+def test_the_overlap_hint_lists_the_words_each_side_lacks_in_order():
+    hinted = with_overlap_hint("A man is playing a guitar", "The man is not playing the Guitar", "[SEP]")
+    assert hinted == "The man is not playing the Guitar [SEP] The not the [SEP] A a"
+    assert with_overlap_hint("Two dogs run", "two dogs run", "</s>") == "two dogs run </s>  </s> "
