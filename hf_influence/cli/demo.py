@@ -49,7 +49,7 @@ class DemoArguments:
     noise_fraction: float = field(default=0.1, metadata={"help": "Fraction of training labels flipped."})
     filter_fraction: float = field(default=0.1, metadata={"help": "Fraction removed by self-influence before retraining."})
     epochs: int = field(default=30, metadata={"help": "Training epochs (each run)."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate (10% warm-up, linear decay)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW peak learning rate (warm-up over the first tenth of the steps, then linear decay)."})
     retrain_seeds: int = field(default=3, metadata={
         "help": "Training runs (seeds seed, seed+1, ...) averaged for each accuracy: one tiny-BERT run swings by several points."})
     rank: int = field(default=20, metadata={"help": "Arnoldi rank p̄."})

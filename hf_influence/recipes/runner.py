@@ -63,10 +63,12 @@ class RecipeArguments:
     min_word_frequency: int = field(default=2, metadata={"help": "Translation word-level vocabulary: minimum count."})
     num_beams: int = field(default=1, metadata={"help": "Translation: beams when generating the test set."})
     epochs: int = field(default=8, metadata={"help": "Training epochs of every run."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (10% warm-up, linear decay)."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (warm-up over the first tenth of the steps, then linear decay)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
     retrain_seeds: int = field(default=1, metadata={"help": "Runs averaged for each quality figure (clean, noisy, filtered)."})
-    last_n_layers: int = field(default=1, metadata={"help": "Influence over the last k layers + head (no embeddings)."})
+    last_n_layers: int | None = field(default=None, metadata={"help": "Influence over the last k layers + head, no embeddings (default 1)."})
+    params: list[str] | None = field(default=None, metadata={"help": "Influence over the parameters matching these regexes instead "
+                                                                     "(e.g. classifier pooler: the head alone)."})
     damping: float = field(default=1e-3, metadata={"help": "Additive damping λ."})
     ranks: list[int] = field(default_factory=lambda: [10, 20, 50], metadata={"help": "Arnoldi p̄ values compared (one basis, truncated)."})
     iterations: int = field(default=80, metadata={"help": "Arnoldi iterations (>= the largest p̄)."})
@@ -95,6 +97,10 @@ class RecipeArguments:
             raise InvalidInputError(f"Unknown baselines {sorted(unknown)}; choose from {BASELINES}.")
         if not self.ranks or min(self.ranks) < 1 or max(self.ranks) > self.iterations:
             raise InvalidInputError(f"ranks must be >= 1 and <= iterations ({self.iterations}), got {self.ranks}.")
+        if self.params is not None and self.last_n_layers is not None:
+            raise InvalidInputError("Set params or last_n_layers, not both.")
+        if self.params is None and self.last_n_layers is None:
+            self.last_n_layers = 1
         if self.retrain_seeds < 1 or self.epochs < 1:
             raise InvalidInputError("retrain_seeds and epochs must be >= 1.")
 

@@ -50,6 +50,7 @@ def _training_arguments(cls, config: Any, output_dir: Path, seed: int, **extra: 
         per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_steps=0.1, lr_scheduler_type="linear",
         weight_decay=0.01, seed=seed, use_cpu=config.use_cpu or not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_strategy="no",
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, influence_last_n_layers=config.last_n_layers,
+        influence_params=config.params,
         influence_damping=config.damping, influence_rank=max(config.ranks), influence_iterations=config.iterations,
         influence_hessian_examples=config.hessian_examples, influence_batch_size=config.influence_batch_size,
         influence_shard_size=config.shard_size, influence_seed=config.seed, **extra,

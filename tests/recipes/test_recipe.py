@@ -75,6 +75,7 @@ def test_detection_figures_are_recomputable_from_the_record(tiny_run):
     (["--noise_fraction", "0"], "noise_fraction must be in"),
     (["--ranks", "90", "--iterations", "80"], "ranks must be"),
     (["--baselines", "kfac"], "Unknown baselines"),
+    (["--params", "classifier", "--last_n_layers", "1"], "Set params or last_n_layers"),
 ])
 def test_bad_settings_stop_before_any_work(options, message, capsys):
     assert main(["recipe", *options]) == 1
