@@ -226,6 +226,9 @@ def _markdown(run: dict) -> str:
 
 def run_recipe(args: RecipeArguments) -> dict:
     """Run the whole recipe; print progress and return the results (also written to ``output_dir``)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise InvalidInputError("The recipe scores its training rows in the processes that train, and influence needs whole "
+                                "parameters: launch it with multi_gpu.yaml (DDP) or one process, not under FSDP.")
     start, timer = time.perf_counter(), _Timer()
     output_dir = Path(args.output_dir)
     train, test = _load(args)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from transformers import Seq2SeqTrainer, Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from .._utils.errors import TrainerMixinError
@@ -199,6 +200,12 @@ class InfluenceTrainerMixin:
                 f"{type(self).__name__} needs InfluenceTrainingArguments (or InfluenceSeq2SeqTrainingArguments) for its "
                 f"influence settings, got {type(self.args).__name__}. Build args with "
                 "hf_influence.InfluenceTrainingArguments(output_dir=..., influence_method=...)."
+            )
+        if getattr(self, "is_fsdp_enabled", False) or is_deepspeed_zero3_enabled():
+            raise TrainerMixinError(
+                "Influence needs every selected parameter whole in each process, and this Trainer shards them "
+                f"({'FSDP' if getattr(self, 'is_fsdp_enabled', False) else 'DeepSpeed ZeRO-3'}). Train under sharding, "
+                "save_model(), then score the saved model in one process or under DDP (recipes/accelerate_configs/multi_gpu.yaml)."
             )
         return self.args
 

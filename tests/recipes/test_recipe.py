@@ -91,3 +91,10 @@ def test_the_overlap_hint_lists_the_words_each_side_lacks_in_order():
     hinted = with_overlap_hint("A man is playing a guitar", "The man is not playing the Guitar", "[SEP]")
     assert hinted == "The man is not playing the Guitar [SEP] The not the [SEP] A a"
     assert with_overlap_hint("Two dogs run", "two dogs run", "</s>") == "two dogs run </s>  </s> "
+
+
+def test_an_fsdp_launch_is_refused_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # set by `accelerate launch` with distributed_type FSDP
+    with pytest.raises(InvalidInputError, match="not under FSDP"):
+        run_recipe(RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), output_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()

@@ -138,3 +138,13 @@ def test_arguments_are_prefixed_defaulted_documented_and_checked():
         hfi.InfluenceTrainingArguments(output_dir="x", influence_rank=50, influence_iterations=20, report_to="none")
     with pytest.raises(InvalidInputError, match="influence_method must be one of"):
         hfi.InfluenceSeq2SeqTrainingArguments(output_dir="x", influence_method="lissa", report_to="none")
+
+
+def test_sharded_parameters_are_refused_with_the_way_out(tmp_path):
+    """Under FSDP (or ZeRO-3) each process holds a shard of every parameter: refused before any work, naming what to do."""
+    trainer = hfi.InfluenceTrainer(model=utils.tiny_bert(), args=influence_args(tmp_path), train_dataset=utils.classification_dataset(4),
+                                   data_collator=PaddingCollator())
+    trainer.is_fsdp_enabled = True  # what Trainer sets when Accelerate runs with distributed_type FSDP
+    with pytest.raises(TrainerMixinError, match=r"shards them \(FSDP\).*score the saved model"):
+        trainer.self_influence()
+    assert not (tmp_path / "influence").exists()
