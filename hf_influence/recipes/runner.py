@@ -97,6 +97,8 @@ class RecipeArguments:
             raise InvalidInputError(f"Unknown baselines {sorted(unknown)}; choose from {BASELINES}.")
         if not self.ranks or min(self.ranks) < 1 or max(self.ranks) > self.iterations:
             raise InvalidInputError(f"ranks must be >= 1 and <= iterations ({self.iterations}), got {self.ranks}.")
+        if self.overlap_hint and self.task != "nli":
+            raise InvalidInputError("overlap_hint is an NLI setting (premise / hypothesis words); drop it for translation.")
         if self.params is not None and self.last_n_layers is not None:
             raise InvalidInputError("Set params or last_n_layers, not both.")
         if self.params is None and self.last_n_layers is None:

@@ -76,6 +76,7 @@ def test_detection_figures_are_recomputable_from_the_record(tiny_run):
     (["--ranks", "90", "--iterations", "80"], "ranks must be"),
     (["--baselines", "kfac"], "Unknown baselines"),
     (["--params", "classifier", "--last_n_layers", "1"], "Set params or last_n_layers"),
+    (["--task", "translation", "--overlap_hint", "true"], "overlap_hint is an NLI setting"),
 ])
 def test_bad_settings_stop_before_any_work(options, message, capsys):
     assert main(["recipe", *options]) == 1
