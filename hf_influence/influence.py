@@ -17,7 +17,7 @@ from .data import RandomBatches, batch_size_of, make_loader, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
 from .engine.prefix import PrefixReplay
-from .engine.ihvp.arnoldi import ArnoldiBasis, distill
+from .engine.ihvp.arnoldi import CURVATURES, ArnoldiBasis, distill
 from .engine.spectrum import Spectrum, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
 from .engine.ihvp.base import Preconditioner, check_damping
 from .engine.ihvp.exact import ExactInverse
@@ -158,6 +158,14 @@ class Influence:
             krylov, hessenberg = krylov_iteration(hvp, start, iterations, self.progress, desc="Arnoldi")
         eigenvalues, eigenvectors = distill(krylov, hessenberg, rank)
         return self._basis(eigenvalues, eigenvectors, int(hessenberg.shape[1]), "hessian")
+
+    def fit_basis(self, hessian_data: Any, rank: int = 20, iterations: int = 100, curvature: str = "hessian") -> ArnoldiBasis:
+        """:meth:`fit_arnoldi` (``curvature="hessian"``) or :meth:`fit_fisher` (``"fisher"``; ``iterations`` unused)."""
+        if curvature not in CURVATURES:
+            raise InvalidInputError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
+        if curvature == "fisher":
+            return self.fit_fisher(hessian_data, rank=rank)
+        return self.fit_arnoldi(hessian_data, rank=rank, iterations=iterations)
 
     @_refuses_autocast
     def fit_fisher(self, hessian_data: Any, rank: int = 20) -> ArnoldiBasis:

@@ -71,10 +71,7 @@ def run_fit(model_args: ModelArguments, data_args: DataArguments, inf_args: Infl
 def _fit_and_save(inf: Influence, hessian, inf_args: InfluenceArguments, args: FitArguments) -> dict:
     """The spectrum (optional) and the basis, saved; the figures for the config file."""
     spectrum = inf.spectrum(hessian, iterations=args.spectrum_iterations, trace_matvecs=args.trace_matvecs) if args.spectrum else None
-    if args.curvature == "fisher":
-        basis = inf.fit_fisher(hessian, rank=args.rank)
-    else:
-        basis = inf.fit_arnoldi(hessian, rank=args.rank, iterations=args.iterations)
+    basis = inf.fit_basis(hessian, rank=args.rank, iterations=args.iterations, curvature=args.curvature)
     path = basis.save(basis_save_path(inf_args.output_dir))
     return {"basis": str(path), "hessian_examples": len(hessian), "num_params": inf.selection.num_params,
             "curvature": basis.curvature, "iterations_completed": basis.iterations, "eigenvalues": basis.eigenvalues.tolist(),

@@ -262,9 +262,10 @@ def run_recipe(args: RecipeArguments) -> dict:
     quality["filtered"] = _train(recipe, filtered, test_set, output_dir, args, "filtered")[1]
 
     name = args.run_name or f"{args.task}-{args.dataset.replace('/', '-')}"
+    dataset_id, dataset_config = hub_id(args.dataset)
     run = {
         "model_name": name, "task": args.task, "command": _command(), "processes": int(os.environ.get("WORLD_SIZE", "1")), "dataset_name": args.dataset,
-        "dataset_id": hub_id(args.dataset)[0], "dataset_config": hub_id(args.dataset)[1],
+        "dataset_id": dataset_id, "dataset_config": dataset_config,
         "data_dir": args.data_dir, "test_name": f"{args.dataset} test" if not args.test_dir else "WMT21 newstest", "num_train": len(train),
         "num_test": len(test), "noise": dataclasses.asdict(record), "filter_method": args.filter_method,
         "filter_fraction": args.filter_fraction, "removed": int(drop.sum()), "removed_noisy": int(removed_noisy), "kept": len(kept_rows),

@@ -92,11 +92,7 @@ class InfluenceTrainerMixin:
         if is_main_process(self.accelerator):
             inf = self.get_influence(progress=not self.args.disable_tqdm)
             hessian = self.get_influence_dataloader(self.get_hessian_dataset(dataset))
-            if settings.influence_curvature == "fisher":
-                basis = inf.fit_fisher(hessian, rank=settings.influence_rank)
-            else:
-                basis = inf.fit_arnoldi(hessian, rank=settings.influence_rank, iterations=settings.influence_iterations)
-            basis.save(path)
+            inf.fit_basis(hessian, settings.influence_rank, settings.influence_iterations, settings.influence_curvature).save(path)
         wait_for_everyone(self.accelerator)
         basis = ArnoldiBasis.load(path)
         self.log({"influence/basis_rank": float(basis.rank), "influence/lambda_max": float(basis.eigenvalues[0]),

@@ -19,6 +19,7 @@ from .base import check_damping
 
 BASIS_FILE = "arnoldi_basis.safetensors"
 CURVATURES = ("hessian", "fisher")  # fitted by Influence.fit_arnoldi / Influence.fit_fisher
+_METADATA_KEYS = ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class", "curvature")
 
 
 def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +70,7 @@ class ArnoldiBasis:
         return 1.0 / (self.eigenvalues + check_damping(self.damping))
 
     def metadata(self) -> dict:
-        keys = ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class", "curvature")
-        return {"kind": "arnoldi_basis", "rank": self.rank, **{k: getattr(self, k) for k in keys}}
+        return {"kind": "arnoldi_basis", "rank": self.rank, **{k: getattr(self, k) for k in _METADATA_KEYS}}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to ``path`` (a folder: ``path/arnoldi_basis.safetensors``; or a ``.safetensors`` file)."""
@@ -127,5 +127,5 @@ def load_basis(path: str | os.PathLike) -> ArnoldiBasis:
     tensors, meta = load_tensors(target)
     if meta.get("kind") != "arnoldi_basis":
         raise IncompatibleBasisError(f"{target} holds a {meta.get('kind')!r}, not an Arnoldi basis.")
-    fields = {k: meta[k] for k in ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class")}
-    return ArnoldiBasis(tensors["eigenvalues"], tensors["eigenvectors"], **fields, curvature=meta.get("curvature", "hessian"))
+    fields = {k: meta[k] for k in _METADATA_KEYS if k in meta}  # bases saved before `curvature` existed are Hessian ones
+    return ArnoldiBasis(tensors["eigenvalues"], tensors["eigenvectors"], **fields)

@@ -66,6 +66,15 @@ def test_refusals_say_what_to_change(fitted):
     small = hfi.Influence(inf.model, params=[r"classifier", r"pooler"], progress=False, memory_budget_gb=1e-6)
     with pytest.raises(InvalidInputError, match="over memory_budget_gb.*fit_arnoldi"):
         small.fit_fisher(hessian, rank=2)
+    with pytest.raises(InvalidInputError, match="curvature must be one of"):
+        inf.fit_basis(hessian, rank=2, curvature="kfac")
+
+
+def test_fit_basis_dispatches_on_the_curvature(fitted):
+    inf, hessian, _, _ = fitted
+    fisher = inf.fit_basis(hessian, rank=3, curvature="fisher")
+    torch.testing.assert_close(fisher.eigenvalues, inf.fit_fisher(hessian, rank=3).eigenvalues, rtol=0, atol=0)
+    assert fisher.curvature == "fisher" and inf.fit_basis(hessian, rank=3, iterations=6).curvature == "hessian"
 
 
 def test_trainer_fits_the_fisher_when_asked(trained_bert, tmp_path):
