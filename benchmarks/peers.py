@@ -64,10 +64,10 @@ import hf_influence as hfi  # noqa: E402
 from benchmarks._peers import adapters  # noqa: E402
 from benchmarks._tiny_bert import train_tiny_bert  # noqa: E402
 from benchmarks._peers.common import Problem, machine, measured, pad_to_length, pearson, select_names, spearman, versions  # noqa: E402
-from hf_influence.cli.demo import build_tokenizer, make_pair  # noqa: E402
 from hf_influence.corpora import load_sick  # noqa: E402
 from hf_influence.data import make_loader  # noqa: E402
 from hf_influence.metrics import noise_detection_metrics  # noqa: E402
+from hf_influence.recipes.presets import build_tokenizer, make_pair  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGET = 0.99
@@ -225,7 +225,7 @@ def part_lissa(head: Problem, test: Dataset, hessian: Dataset, hessian_matrix: t
     eye = torch.eye(hessian_matrix.shape[0], dtype=hessian_matrix.dtype)
     exact = torch.linalg.solve(hessian_matrix + head.damping * eye, g_test.T).T
     probe = head.influence(seed=args.seed)
-    auto = probe.resolve_lissa_config(hessian, "auto")
+    auto = probe.resolve_lissa(hessian, "auto").config
     print(f"\n## LiSSA s_test of {len(test)} test pairs on the head ({head.num_params:,} parameters), Hessian over "
           f"{len(hessian)} pairs, λ = {head.damping:.4g}; Pearson with the exact s_test, target {TARGET}")
     print(f"auto resolves to: s = {auto.scale:.4g}, J <= {auto.steps}, B = {auto.batch_size}, T = {auto.repeats}.."

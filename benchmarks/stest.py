@@ -73,9 +73,8 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def run(inf, test, train, config, exact) -> dict:
     start = time.perf_counter()
-    s_test = inf.s_test(test, train, lissa=config)
-    result = inf.last_lissa
-    return {"pearson": pearson(s_test, exact), "hvps": result.hvps, "example_hvps": result.hvps * result.config.batch_size,
+    result = inf.solve_s_test(test, train, lissa=config)
+    return {"pearson": pearson(result.solution.T, exact), "hvps": result.hvps, "example_hvps": result.hvps * result.config.batch_size,
             "seconds": time.perf_counter() - start, "config": result.config, "repeats": result.norms.shape[0]}
 
 
@@ -116,8 +115,8 @@ def main() -> None:
           f"tr(H) = {float(eigenvalues.sum()):.4g}; damping λ = {damping:.4g}, condition number {condition:.1f}\n")
 
     start = time.perf_counter()
-    auto_config = inf.resolve_lissa_config(train, "auto")
-    spectrum, spectrum_seconds = inf.last_spectrum, time.perf_counter() - start
+    auto_config, spectrum = inf.resolve_lissa(train, "auto")
+    spectrum_seconds = time.perf_counter() - start
     print(f"spectrum estimate: {spectrum} in {spectrum_seconds:.1f}s")
     print(f"auto settings: scale={auto_config.scale:.4g} steps<={auto_config.steps} batch={auto_config.batch_size} "
           f"repeats {auto_config.repeats}..{auto_config.max_repeats or auto_config.repeats}\n")

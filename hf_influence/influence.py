@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from enum import Enum
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -12,16 +12,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ._utils.errors import InvalidInputError, TaskInferenceError
-from .data import RandomBatches, batch_size_of, make_loader, to_device
+from ._utils.errors import IncompatibleBasisError, InvalidInputError, TaskInferenceError
+from .config import BasisConfig, Curvature, InfluenceConfig, Method, as_choice
+from .data import RandomBatches, batch_size_of, check_in_order, dataset_of, make_loader, select_rows, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
 from .engine.prefix import PrefixReplay
-from .engine.ihvp.arnoldi import CURVATURES, ArnoldiBasis, distill
+from .engine.ihvp.arnoldi import ArnoldiBasis, distill
 from .engine.spectrum import Spectrum, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
-from .engine.ihvp.base import Preconditioner, check_damping
+from .engine.ihvp.base import Preconditioner
 from .engine.ihvp.exact import ExactInverse
-from .engine.ihvp.lissa import LissaConfig, LissaInverse, choose_lissa_config
+from .engine.ihvp.lissa import LissaConfig, LissaInverse, LissaResult, choose_lissa_config
 from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
 from .engine.scoring import (
     DiagonalInverse,
@@ -33,9 +34,8 @@ from .engine.scoring import (
     random_subspace,
     self_scores,
 )
-from .head_gradient import head_parameter_names, head_queries
 from .inputs import check_examples, input_limits
-from .knn import KnnIndex, KnnScores, build_index, check_in_order, check_num_neighbors, dataset_of, score_candidates
+from .knn import IndexChecks, KnnIndex, KnnScores, build_index, check_num_neighbors, find_candidates, score_candidates
 from .params import select_parameters
 from .tasks import Task, infer_task
 
@@ -52,16 +52,6 @@ class _MethodParts(NamedTuple):
     directions: torch.Tensor | None
 
 
-class Method(str, Enum):
-    """Scoring methods; ``"arnoldi"`` and ``Method.ARNOLDI`` are interchangeable."""
-
-    EXACT = "exact"
-    LISSA = "lissa"
-    ARNOLDI = "arnoldi"
-    TRACIN = "tracin"
-    RANDPROJ = "randproj"
-
-
 def _refuses_autocast(method):
     """Run a public entry point only outside ``torch.autocast`` (see ``Influence._check_precision``)."""
 
@@ -73,12 +63,11 @@ def _refuses_autocast(method):
     return checked
 
 
-def _as_method(method: str | Method) -> Method:
-    """``method`` as a `Method`, or an error listing the valid names."""
-    try:
-        return Method(method)
-    except ValueError:
-        raise InvalidInputError(f"method must be one of {[m.value for m in Method]}, got {method!r}.") from None
+class ResolvedLissa(NamedTuple):
+    """The `LissaConfig` a ``lissa=`` request stands for, and the `Spectrum` it was chosen from (``"auto"`` only)."""
+
+    config: LissaConfig
+    spectrum: Spectrum | None
 
 
 class Influence:
@@ -93,55 +82,57 @@ class Influence:
         model (`nn.Module`): a HF model (or any module the ``task`` understands). Scored in eval mode.
         task (`Task`, *optional*): ``per_example_loss(model, batch) -> Tensor[B]``; inferred from the
             model class when ``None``.
-        params (`list[str]`, *optional*): name regexes selecting parameters; ``None`` = all trainable.
-        last_n_layers (`int`, *optional*): select the last k transformer layers + head instead.
-        damping (`float`, defaults to `1e-3`): additive λ, one convention for every method.
-        batch_size (`int`, defaults to `8`): batch size used when data is a ``Dataset``.
-        seed (`int`, defaults to `0`): seeds Arnoldi start vectors and random projections.
-        projection (`str`, defaults to `"auto"`): ``"jvp"``, ``"grads"`` or ``"auto"`` (cheaper one).
-        memory_budget_gb (`float`, defaults to `2.0`): bound on per-example gradient memory.
+        params, last_n_layers, damping, batch_size, seed, projection, memory_budget_gb, hessian_examples:
+            the settings of `hf_influence.config.InfluenceConfig`, where each one's default, meaning and check
+            live (``Influence.from_config(model, config)`` takes them as one object).
         progress (`bool`, defaults to `True`): show tqdm bars.
 
     Every public method first checks its data against the model and task (``self.limits``: columns,
     sequence lengths, token ids, labels; see `hf_influence.inputs`) and refuses to run under
-    ``torch.autocast``, raising an `HfInfluenceError` that says what to change.
+    ``torch.autocast``, raising an `HfInfluenceError` that says what to change. Every Hessian pass
+    (basis fits, spectrum, exact Hessian, random projection's subspace, LiSSA minibatches) runs over
+    the same seeded subset of ``hessian_examples`` rows of its Hessian data.
     """
 
     def __init__(
         self,
         model: nn.Module,
         task: Task | None = None,
-        params: Sequence[str] | str | None = None,
-        last_n_layers: int | None = None,
-        damping: float = 1e-3,
-        batch_size: int = 8,
-        seed: int = 0,
-        projection: str = "auto",
-        memory_budget_gb: float = 2.0,
+        params: Sequence[str] | str | None = InfluenceConfig.params,
+        last_n_layers: int | None = InfluenceConfig.last_n_layers,
+        damping: float = InfluenceConfig.damping,
+        batch_size: int = InfluenceConfig.batch_size,
+        seed: int = InfluenceConfig.seed,
+        projection: str = InfluenceConfig.projection,
+        memory_budget_gb: float = InfluenceConfig.memory_budget_gb,
+        hessian_examples: int | None = InfluenceConfig.hessian_examples,
         progress: bool = True,
     ):
-        if projection not in ("auto", "jvp", "grads"):
-            raise InvalidInputError(f"projection must be 'auto', 'jvp' or 'grads', got {projection!r}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}.")
+        self.config = InfluenceConfig(None if params is None else list([params] if isinstance(params, str) else params),
+                                      last_n_layers, damping, batch_size, seed, projection, memory_budget_gb, hessian_examples)
         self.model = model
         self.task = task if task is not None else infer_task(model)
         if not callable(getattr(self.task, "per_example_loss", None)):
             raise TaskInferenceError(f"task must have a per_example_loss(model, batch) method; got {type(self.task).__name__}.")
-        self.selection = select_parameters(model, params, last_n_layers)
+        self.selection = select_parameters(model, self.config.params, self.config.last_n_layers)
         self.limits = input_limits(model, self.task)
-        self.damping = check_damping(damping)
-        self.batch_size, self.seed, self.projection, self.progress = batch_size, seed, projection, progress
-        self.memory_budget = memory_budget_gb * 2**30
+        self.damping, self.batch_size, self.seed = self.config.damping, self.config.batch_size, self.config.seed
+        self.projection, self.progress = self.config.projection, progress
+        self.memory_budget = self.config.memory_budget_gb * 2**30
         self.train_loss = LossFunction(model, self.task, self.selection)
         self.test_loss = LossFunction(model, self.task, self.selection, measurement=True)
-        self.last_spectrum: Spectrum | None = None  # set by lissa="auto"
-        self.last_lissa = None  # LissaResult of the last s_test
+        self._verified_bases: dict[int, ArnoldiBasis] = {}  # bases that passed the model/selection check (weights hashed once)
         self._checked: set[str] = set()  # fingerprints of the Datasets that passed check_data
+        self._index_checks = IndexChecks()  # kNN indexes verified against this model and training set
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: InfluenceConfig, task: Task | None = None, progress: bool = True) -> "Influence":
+        """An `Influence` with the settings of ``config`` (the Trainer, the CLI and recipes build theirs this way)."""
+        return cls(model, task, progress=progress, **dataclasses.asdict(config))
 
     # ----------------------------------------------------------------- public surface
     @_refuses_autocast
-    def fit_arnoldi(self, hessian_data: Any, rank: int = 20, iterations: int = 100, seed: int | None = None) -> ArnoldiBasis:
+    def fit_arnoldi(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations, seed: int | None = None) -> ArnoldiBasis:
         """Fit the top-``rank`` Hessian eigenpairs with ``iterations`` Arnoldi steps (one HVP pass each)."""
         if not 1 <= rank <= iterations:
             raise InvalidInputError(f"Need 1 <= rank <= iterations, got rank={rank}, iterations={iterations}: raise iterations.")
@@ -159,16 +150,17 @@ class Influence:
         eigenvalues, eigenvectors = distill(krylov, hessenberg, rank)
         return self._basis(eigenvalues, eigenvectors, int(hessenberg.shape[1]), "hessian")
 
-    def fit_basis(self, hessian_data: Any, rank: int = 20, iterations: int = 100, curvature: str = "hessian") -> ArnoldiBasis:
-        """:meth:`fit_arnoldi` (``curvature="hessian"``) or :meth:`fit_fisher` (``"fisher"``; ``iterations`` unused)."""
-        if curvature not in CURVATURES:
-            raise InvalidInputError(f"curvature must be one of {CURVATURES}, got {curvature!r}.")
-        if curvature == "fisher":
-            return self.fit_fisher(hessian_data, rank=rank)
-        return self.fit_arnoldi(hessian_data, rank=rank, iterations=iterations)
+    def fit_basis(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations,
+                  curvature: str = BasisConfig.curvature) -> ArnoldiBasis:
+        """:meth:`fit_arnoldi` (``curvature="hessian"``) or :meth:`fit_fisher` (``"fisher"``; ``iterations`` unused);
+        the settings of `hf_influence.config.BasisConfig`, checked there."""
+        config = BasisConfig(rank, iterations, curvature)
+        if config.curvature == Curvature.FISHER:
+            return self.fit_fisher(hessian_data, rank=config.rank)
+        return self.fit_arnoldi(hessian_data, rank=config.rank, iterations=config.iterations)
 
     @_refuses_autocast
-    def fit_fisher(self, hessian_data: Any, rank: int = 20) -> ArnoldiBasis:
+    def fit_fisher(self, hessian_data: Any, rank: int = BasisConfig.rank) -> ArnoldiBasis:
         """Fit the top-``rank`` eigenpairs of the empirical Fisher ``F = mean_z g_z g_zᵀ`` over ``hessian_data``.
 
         ``F`` is the Gauss-Newton-type curvature that K-FAC / EK-FAC approximate: positive
@@ -222,7 +214,7 @@ class Influence:
         `hf_influence.knn.KnnIndex` over ``train_data`` (built on the fly when ``None``; refused if it
         was built on another model or training set).
         """
-        method = _as_method(method)
+        method = as_choice(Method, method, "method")
         self.check_data(**{"test data": test_data, "training data": train_data, "Hessian data": hessian_data})
         if knn is not None:
             return self._knn_scores(test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank)
@@ -241,28 +233,16 @@ class Influence:
         parts = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
             test = parts.precondition(collect_features(parts.test_fn, self._loader(test_data), self._device(), "test features", self.progress))
-        candidates = self._knn_candidates(index, test_data, knn, test, parts.directions)  # [n_test, k]
+        candidates = find_candidates(index, self.model, self.selection, test_data, knn, test, parts.directions,
+                                     self.batch_size, self._pad_id(), self.progress)  # [n_test, k]
         with eval_mode(self.model):
             return score_candidates(test, parts.train_fn, train_data, candidates, self._loader, self._device(), self.progress)
 
-    def _knn_candidates(self, index: KnnIndex, test_data: Any, knn: int, test: torch.Tensor, directions: torch.Tensor | None) -> torch.Tensor:
-        """Each test example's ``knn`` candidates. A ``head_gradient`` index is searched with the head block of
-        the preconditioned test vector (``query · row`` = the head's share of the score) when the
-        selection holds the head; any other index with the test examples' own embeddings."""
-        if index.embedding == "head_gradient":
-            names = head_parameter_names(self.model)
-            if set(names) <= set(self.selection.names):
-                vectors = test if directions is None else test @ directions.to(test.dtype)  # [n_test, P]
-                return index.search(head_queries(self.model, self.selection.unflatten(vectors)), knn)[1]
-            logger.warning_once(f"The parameter selection leaves out the head ({', '.join(names)}): the head_gradient "
-                                "index is searched with the test examples' own head gradients, not their preconditioned ones.")
-        return index.neighbors(self.model, test_data, knn, self.batch_size, self._pad_id(), self.progress)
-
     def _knn_index(self, train_data: Any, index: KnnIndex | None) -> KnnIndex:
-        """The given index once checked against this model and ``train_data``, else a new exact one."""
+        """The given index, verified against this model and ``train_data`` once per run (see `IndexChecks`), else a new exact one."""
         if index is None:
             return build_index(self.model, train_data, batch_size=self.batch_size, pad_token_id=self._pad_id(), progress=self.progress)
-        index.check_compatible(self.model, train_data)
+        self._index_checks.verify(index, self.model, train_data)
         return index
 
     @_refuses_autocast
@@ -276,7 +256,7 @@ class Influence:
         rank: int = 20,
     ) -> torch.Tensor:
         """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
-        method = _as_method(method)
+        method = as_choice(Method, method, "method")
         self.check_data(**{"training data": train_data, "Hessian data": hessian_data})
         precondition, train_fn, _, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
@@ -288,15 +268,20 @@ class Influence:
 
         ``lissa`` is a `LissaConfig`, ``"auto"`` (settings from :meth:`spectrum`, see
         ``choose_lissa_config``), ``"fastif"`` or ``"koh_liang"`` (the papers' settings at this
-        ``Influence``'s damping). The last solver run is kept in ``self.last_lissa``.
+        ``Influence``'s damping). :meth:`solve_s_test` also returns the solver's record.
         """
+        return self.solve_s_test(test_data, hessian_data, lissa).solution.T
+
+    @_refuses_autocast
+    def solve_s_test(self, test_data: Any, hessian_data: Any, lissa: str | LissaConfig | ResolvedLissa = "auto") -> LissaResult:
+        """:meth:`s_test` with the solver's record: ``solution`` ``[P, n_test]``, ``hvps`` (minibatch HVPs, all
+        processes), the `LissaConfig` it ended with (a divergence restart raises ``scale``) and the norms."""
         self.check_data(**{"test data": test_data, "Hessian data": hessian_data})
         precondition = self._lissa(hessian_data, lissa)
         test_grads = self.gradients(test_data, test_side=True)
         with eval_mode(self.model):
-            result = precondition(test_grads)
-        self.last_lissa = precondition.last_result
-        return result
+            precondition(test_grads)
+        return precondition.last_result
 
     @_refuses_autocast
     def gradients(self, data: Any, test_side: bool = False) -> torch.Tensor:
@@ -317,7 +302,6 @@ class Influence:
         iterations: int = 30,
         trace_estimator: str = "hutch++",
         trace_matvecs: int = 30,
-        max_examples: int | None = 512,
     ) -> Spectrum:
         """Estimate ``λ_max`` (and with Lanczos ``λ_min``) and ``tr(H)`` from HVPs, with error bars.
 
@@ -327,13 +311,12 @@ class Influence:
             iterations (`int`, defaults to `30`): Lanczos steps / maximum power iterations.
             trace_estimator (`str`, defaults to `"hutch++"`): ``"hutch++"`` or ``"hutchinson"``.
             trace_matvecs (`int`, defaults to `30`): HVPs spent on the trace.
-            max_examples (`int`, *optional*, defaults to `512`): estimate on a seeded random subset of
-                this many examples (``None``: all); each HVP is a pass over them.
+            The estimate runs over the ``hessian_examples`` rows every Hessian pass uses.
         """
         if method not in ("lanczos", "power") or trace_estimator not in ("hutch++", "hutchinson"):
             raise InvalidInputError(f"method must be 'lanczos' or 'power' and trace_estimator 'hutch++' or 'hutchinson'; got {method!r}, {trace_estimator!r}.")
         self.check_data(**{"Hessian data": hessian_data})
-        batches = self._materialize(self._subset(hessian_data, max_examples))
+        batches = self._materialize(hessian_data)
         params = self._params()
         dtype, device, num = accumulation_dtype(params), self._device(), self.selection.num_params
         generator = torch.Generator().manual_seed(self.seed)
@@ -395,9 +378,9 @@ class Influence:
             return _MethodParts(self._lissa(hessian_data, lissa), self._grad_fn(self.train_loss), self._grad_fn(self.test_loss), None)
         if method is Method.ARNOLDI:
             basis = basis if basis is not None else self._fit_default_basis(hessian_data, rank)
-            self._check_basis(basis)
+            self.check_basis(basis)
             directions = basis.eigenvectors.to(self._device())
-            inverse = DiagonalInverse(basis.inverse_eigenvalues().to(self._device()))
+            inverse = DiagonalInverse(basis.inverse_eigenvalues(self.damping).to(self._device()))
         else:
             directions = self._random_directions(rank)
             inverse = self._subspace_inverse(hessian_data, directions)
@@ -411,13 +394,29 @@ class Influence:
     def _basis(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, iterations: int, curvature: str) -> ArnoldiBasis:
         description = self.selection.describe()
         return ArnoldiBasis(
-            eigenvalues.cpu(), eigenvectors.cpu(), description["names"], description["shapes"], self.damping, iterations,
+            eigenvalues.cpu(), eigenvectors.cpu(), description["names"], description["shapes"], iterations,
             self.selection.fingerprint(self.model), type(self.model).__name__, curvature,
         )
 
-    def _check_basis(self, basis: ArnoldiBasis) -> None:
-        described = self.selection.describe()
-        basis.check_compatible(described["names"], described["shapes"], self.selection.fingerprint(self.model), type(self.model).__name__)
+    def basis_mismatches(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None) -> list[str]:
+        """Why ``basis`` cannot serve this model and selection (and the requested ``rank`` / ``curvature``, when
+        given); empty when it can. The one reuse rule (`ArnoldiBasis.mismatches`), verified once per basis object."""
+        if id(basis) not in self._verified_bases:
+            described = self.selection.describe()
+            problems = basis.mismatches(described["names"], described["shapes"], self.selection.fingerprint(self.model), type(self.model).__name__)
+            if problems:
+                return problems + basis.mismatches(basis.param_names, basis.param_shapes, basis.fingerprint, basis.model_class, rank, curvature)
+            self._verified_bases[id(basis)] = basis  # kept alive, so the id is not reused
+        return basis.mismatches(basis.param_names, basis.param_shapes, basis.fingerprint, basis.model_class, rank, curvature)
+
+    def check_basis(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None) -> None:
+        """Raise `IncompatibleBasisError` unless ``basis`` can serve this model (see :meth:`basis_mismatches`)."""
+        problems = self.basis_mismatches(basis, rank, curvature)
+        if problems:
+            raise IncompatibleBasisError(
+                "This eigenbasis was fitted for a different model or request: " + "; ".join(problems) + ". Fit a new basis "
+                "with Influence.fit_basis(...) on this model, or load the model the basis was fitted on."
+            )
 
     def _random_directions(self, rank: int) -> torch.Tensor:
         if not 1 <= rank <= self.selection.num_params:
@@ -431,9 +430,9 @@ class Influence:
             h_q = dataset_hvp(self.train_loss, params, self._materialize(hessian_data), directions.T)  # [P, p̄]
         return SubspaceInverse(directions @ h_q, self.damping)
 
-    def _lissa(self, hessian_data: Any, lissa: str | LissaConfig) -> LissaInverse:
-        config = self.resolve_lissa_config(hessian_data, lissa)
-        stream = RandomBatches(hessian_data, config.batch_size, self._pad_id())
+    def _lissa(self, hessian_data: Any, lissa: str | LissaConfig | ResolvedLissa) -> LissaInverse:
+        config = self.resolve_lissa(hessian_data, lissa).config
+        stream = RandomBatches(self.hessian_rows(hessian_data), config.batch_size, self._pad_id())
         damping = self.damping if config.damping is None else config.damping
         params, device = self._params(), self._device()
 
@@ -443,30 +442,31 @@ class Influence:
 
         return LissaInverse(sample_hvp, config, damping, self.progress)
 
-    def resolve_lissa_config(self, hessian_data: Any, lissa: str | LissaConfig = "auto") -> LissaConfig:
-        """The `LissaConfig` that ``lissa`` stands for: itself, the papers' presets at this damping, or
-        ``"auto"``: settings chosen from :meth:`spectrum` of ``hessian_data`` (kept in ``self.last_spectrum``).
+    def resolve_lissa(self, hessian_data: Any, lissa: str | LissaConfig | ResolvedLissa = "auto") -> ResolvedLissa:
+        """The `LissaConfig` that ``lissa`` stands for (itself, or the papers' presets at this damping, or
+        ``"auto"``: chosen from :meth:`spectrum` of the Hessian rows), with that spectrum.
 
-        Resolve once and pass the config to several :meth:`s_test` calls to pay for the spectrum once.
+        Resolve once and pass the result to several :meth:`s_test` calls to pay for the spectrum once.
         """
-        if isinstance(lissa, LissaConfig):
+        if isinstance(lissa, ResolvedLissa):
             return lissa
+        if isinstance(lissa, LissaConfig):
+            return ResolvedLissa(lissa, None)
         if lissa == "auto":
-            num_examples = len(hessian_data.dataset if isinstance(hessian_data, DataLoader) else hessian_data)
-            self.last_spectrum = self.spectrum(hessian_data)
-            return choose_lissa_config(self.last_spectrum, self.damping, num_examples, seed=self.seed)
+            spectrum = self.spectrum(hessian_data)
+            num_examples = len(dataset_of(self.hessian_rows(hessian_data)))
+            return ResolvedLissa(choose_lissa_config(spectrum, self.damping, num_examples, seed=self.seed), spectrum)
         if lissa in ("fastif", "koh_liang"):
-            return getattr(LissaConfig, lissa)(damping=self.damping, seed=self.seed)
+            return ResolvedLissa(getattr(LissaConfig, lissa)(damping=self.damping, seed=self.seed), None)
         raise InvalidInputError(f"lissa must be a LissaConfig, 'auto', 'fastif' or 'koh_liang'; got {lissa!r}.")
 
-    def _subset(self, data: Any, max_examples: int | None) -> Any:
-        """A seeded random subset of at most ``max_examples`` examples (the data itself if smaller)."""
-        dataset = data.dataset if isinstance(data, DataLoader) else data
-        if max_examples is None or len(dataset) <= max_examples:
+    def hessian_rows(self, data: Any) -> Any:
+        """The seeded random subset of at most ``hessian_examples`` rows that every Hessian pass uses (in row order)."""
+        dataset, limit = dataset_of(data), self.config.hessian_examples
+        if limit is None or len(dataset) <= limit:
             return data
-        keep = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:max_examples].tolist())
-        subset = torch.utils.data.Subset(dataset, keep) if not hasattr(dataset, "select") else dataset.select(keep)
-        return DataLoader(subset, batch_size=self.batch_size, collate_fn=data.collate_fn) if isinstance(data, DataLoader) else subset
+        keep = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:limit].tolist())
+        return select_rows(data, keep)
 
     def _grad_fn(self, loss_fn: LossFunction) -> FeatureFn:
         params = self._params()
@@ -495,8 +495,8 @@ class Influence:
         return make_loader(data, self.batch_size, self._pad_id())
 
     def _materialize(self, data: Any) -> list:
-        """All batches of ``data`` on the model's device (Hessian data is reused many times)."""
-        batches = [to_device(b, self._device()) for b in self._loader(data)]
+        """All batches of the Hessian rows of ``data`` (see :meth:`_hessian_rows`) on the model's device (reused many times)."""
+        batches = [to_device(b, self._device()) for b in self._loader(self.hessian_rows(data))]
         if not batches:
             raise InvalidInputError("The Hessian data is empty: pass at least one training example.")
         return batches

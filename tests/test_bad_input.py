@@ -21,7 +21,7 @@ from datasets import Dataset
 import hf_influence as hfi
 from hf_influence._utils.errors import HfInfluenceError
 from hf_influence.cli.main import main
-from hf_influence.distributed import sharded_scores, sharded_self_influence
+from hf_influence.jobs import sharded_scores, sharded_self_influence
 from hf_influence.knn import build_index
 from tests import utils
 

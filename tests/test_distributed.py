@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_influence._utils.errors import CorruptShardError, InvalidInputError
-from hf_influence.distributed import (
+from hf_influence.jobs import (
     ShardPlan,
     check_world,
     compute_shards,

@@ -20,7 +20,7 @@ import yaml
 import hf_influence as hfi
 from hf_influence._utils.errors import RunInterrupted
 from hf_influence.cli.main import main
-from hf_influence.distributed import ShardPlan, compute_shards, merge_shards, shard_save_path
+from hf_influence.jobs import ShardPlan, compute_shards, merge_shards, shard_save_path
 from tests import utils
 
 NUM_TRAIN = 240

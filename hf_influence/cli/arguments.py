@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._utils.errors import InvalidInputError
+from ..config import InfluenceConfig, settings_named
 
 
 @dataclass
@@ -38,19 +38,11 @@ class DataArguments:
 
 
 @dataclass
-class InfluenceArguments:
-    """How influence is computed (feeds ``hfi.Influence``) and where results go."""
+class InfluenceArguments(InfluenceConfig):
+    """How influence is computed (the settings of `hf_influence.config.InfluenceConfig`) and where results go."""
 
     output_dir: str = field(default="hf_influence_output", metadata={"help": "Folder for every file the run writes."})
-    params: list[str] | None = field(default=None, metadata={"help": "Parameter name regexes (default: all trainable)."})
-    last_n_layers: int | None = field(default=None, metadata={"help": "Select the last k transformer layers + head instead."})
-    damping: float = field(default=1e-3, metadata={"help": "Additive damping λ: solvers target (H + λI)^-1."})
-    batch_size: int = field(default=8, metadata={"help": "Examples per batch for gradients and HVPs."})
-    hessian_examples: int | None = field(default=None, metadata={"help": "Hessian over the first N training rows (default: all)."})
-    seed: int = field(default=0, metadata={"help": "Seed for every random choice (probes, minibatches, subspaces)."})
 
     def __post_init__(self):
-        if self.damping < 0:
-            raise InvalidInputError(f"--damping must be >= 0 (additive, targets (H + λI)^-1), got {self.damping}.")
-        if self.batch_size < 1:
-            raise InvalidInputError(f"--batch_size must be >= 1, got {self.batch_size}.")
+        with settings_named("--"):
+            super().__post_init__()

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from ..distributed import wait_for_everyone
 from ..metrics import check_filter_rule, noisy_mask
+from ..outputs import save_dataset
 from .arguments import DataArguments, InfluenceArguments, ModelArguments
-from .outputs import noise_labels, print_table, save_dataset, update_run_config
-from .score import ScoringArguments, ScoringJob, load_job, score_self_influence, scored_dataset, shard_summary, summary_rows
+from .outputs import noise_labels, print_table
+from .score import ScoringArguments, ScoringJob, check_request, load_job, score_self_influence, scored_dataset, shard_summary, summary_rows
+from .session import Session
 
 FILTERED_DIR = "filtered_dataset"
 
@@ -42,20 +43,18 @@ class FilterArguments:
 def run_filter(model_args: ModelArguments, data_args: DataArguments, inf_args: InfluenceArguments,
                scoring: ScoringArguments, args: FilterArguments) -> dict:
     """Score self-influence (resuming), write the filtered dataset and its card, print a summary; return it."""
-    start = time.perf_counter()
-    job = load_job(model_args, data_args, inf_args, scoring)
-    wait_for_everyone(job.accelerator)  # scoring time starts when every rank has loaded
-    scoring_start = time.perf_counter()
-    result = score_self_influence(job)
-    summary = shard_summary(result, time.perf_counter() - scoring_start)
-    if job.is_main and result.scores is not None:
-        summary |= _write_filtered(job, result.scores, args)
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    if job.is_main:
-        update_run_config(inf_args.output_dir, "filter", job.model_info, (model_args, data_args, inf_args, scoring, args), summary)
-        print_table(f"hf-influence filter ({_rule(args)})", summary_rows(summary, inf_args.output_dir))
-    if job.accelerator is not None:
-        job.accelerator.end_training()
+    check_request(data_args, inf_args, scoring)
+    with Session(model_args, inf_args, progress=False) as run:
+        job = load_job(run, data_args, scoring)
+        run.wait()  # scoring time starts when every rank has loaded
+        scoring_start = time.perf_counter()
+        result = score_self_influence(job)
+        summary = shard_summary(result, time.perf_counter() - scoring_start)
+        if job.is_main and result.scores is not None:
+            summary |= _write_filtered(job, result.scores, args)
+        run.finish("filter", (model_args, data_args, inf_args, scoring, args), summary)
+        if job.is_main:
+            print_table(f"hf-influence filter ({_rule(args)})", summary_rows(summary, inf_args.output_dir))
     return summary
 
 
@@ -78,7 +77,7 @@ def _rule(args: FilterArguments) -> str:
 def _card(job: ScoringJob, args: FilterArguments, figures: dict) -> DatasetCard:
     """A dataset card saying what was removed, how, and with which model."""
     data = DatasetCardData(tags=["hf-influence", "influence-functions", "data-filtering"])
-    model = job.model_info
+    model = job.run.model_info
     return DatasetCard(
         f"---\n{data.to_yaml()}\n---\n\n# Training data filtered by self-influence\n\n"
         f"{figures['removed']} of {figures['removed'] + figures['kept']} rows were removed ({_rule(args)}): the rows "

@@ -1,7 +1,7 @@
 """``hf-influence score``: self-influence of every training row, or test-vs-train scores; sharded, resumable.
 
 Rows are scored in fixed shards of ``--shard_size`` rows under ``output_dir/shards/<kind>-<hash>/``
-(see ``hf_influence.distributed``): under ``torchrun`` / ``accelerate launch`` the processes share
+(see ``hf_influence.jobs``): under ``torchrun`` / ``accelerate launch`` the processes share
 them out, a rerun skips every shard already saved (checksums verified, corrupt ones recomputed),
 and any process count can finish a run. ``--max_shards n`` stops after n new shards. Once all are
 saved, the main process merges them and writes:
@@ -26,37 +26,29 @@ from typing import Any
 
 import torch
 
-from .. import ArnoldiBasis, Influence
-from .._utils.errors import IncompatibleBasisError, InvalidInputError
-from .._utils.io import check_writable_dir
-from ..distributed import (
-    SHARDED_METHODS,
-    ShardedScores,
-    is_main_process,
-    sharded_scores,
-    sharded_self_influence,
-    start_processes,
-    wait_for_everyone,
-)
-from ..engine.ihvp.arnoldi import basis_exists, basis_save_path
+from .._utils.errors import InvalidInputError
+from ..config import ScoringConfig, settings_named
+from ..engine.ihvp.arnoldi import ArnoldiBasis, basis_exists, basis_save_path
+from ..influence import Influence
+from ..jobs import ShardedScores, sharded_scores, sharded_self_influence
 from ..knn import EMBEDDINGS, METRICS, KnnScores
 from ..metrics import noise_detection_metrics
+from ..outputs import ROW_INDEX, save_dataset, write_parquet
 from ..plots import plot_histogram, plot_precision_recall
 from .arguments import DataArguments, InfluenceArguments, ModelArguments
-from .loading import load_model, load_split, prepare_split, read_split
-from .outputs import ROW_INDEX, listing, model_description, noise_labels, print_table, save_dataset, update_run_config, write_parquet
+from .loading import load_split, prepare_split, read_split
+from .outputs import listing, noise_labels, print_table
+from .session import Session
 
 SHARDS_DIR = "shards"
 KINDS = ("self", "pairwise")
 
 
 @dataclass
-class ScoringArguments:
-    """How rows are scored and saved (shared by ``score`` and ``filter``)."""
+class ScoringArguments(ScoringConfig):
+    """How rows are scored and saved (`hf_influence.config.ScoringConfig`, plus the CLI's own; shared by ``score`` and ``filter``)."""
 
-    method: str = field(default="arnoldi", metadata={"help": "arnoldi (the basis from `hf-influence fit`) or tracin (gradient dot product)."})
     basis_path: str | None = field(default=None, metadata={"help": "Arnoldi basis file or folder (default: --output_dir)."})
-    shard_size: int = field(default=256, metadata={"help": "Rows per shard. Fixed partitions: keep it when resuming."})
     max_shards: int | None = field(default=None, metadata={"help": "Compute at most this many new shards, then stop "
                                                                    "(time-limited jobs); rerun the same command to continue."})
     noise_column: str = field(default="is_noisy", metadata={"help": "Training-data column marking known noisy rows (bool); "
@@ -64,11 +56,10 @@ class ScoringArguments:
     plots: bool = field(default=True, metadata={"help": "Write PNG plots (needs matplotlib)."})
 
     def __post_init__(self):
-        if self.method not in [m.value for m in SHARDED_METHODS]:
-            raise InvalidInputError(f"--method must be one of {[m.value for m in SHARDED_METHODS]}, got {self.method!r}. "
-                                    "Exact, LiSSA and random projection are in the Python API (Influence.scores).")
-        if self.shard_size < 1 or (self.max_shards is not None and self.max_shards < 1):
-            raise InvalidInputError(f"--shard_size and --max_shards must be >= 1, got {self.shard_size} and {self.max_shards}.")
+        with settings_named("--"):
+            super().__post_init__()
+        if self.max_shards is not None and self.max_shards < 1:
+            raise InvalidInputError(f"--max_shards must be >= 1, got {self.max_shards}.")
 
 
 @dataclass
@@ -103,82 +94,74 @@ class ScoreArguments:
 class ScoringJob:
     """Everything a scoring run needs, loaded and checked once."""
 
-    accelerator: Any
-    inf: Influence
+    run: Session
     raw_train: Any  # the training data as read, for the scored dataset
     train: Any  # its model inputs
     test: Any
     basis: ArnoldiBasis | None
-    model_info: dict
-    inf_args: InfluenceArguments
     args: ScoringArguments
 
     @property
+    def inf(self) -> Influence:
+        return self.run.inf
+
+    @property
     def is_main(self) -> bool:
-        return is_main_process(self.accelerator)
+        return self.run.is_main
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.inf_args.output_dir)
+        return self.run.output_dir
 
 
-def load_job(model_args: ModelArguments, data_args: DataArguments, inf_args: InfluenceArguments, args: ScoringArguments,
-             needs_test: bool = False) -> ScoringJob:
-    """Check the request (before loading anything), start the processes, load model, data and basis."""
+def load_job(run: Session, data_args: DataArguments, args: ScoringArguments, needs_test: bool = False) -> ScoringJob:
+    """Load data and basis for ``run``; the basis is checked against the model once, here."""
+    raw_train = read_split(data_args.train_data, data_args.train_split, data_args, data_args.max_train_examples)
+    train = prepare_split(raw_train, data_args, run.tokenizer, data_args.train_data)
+    test = load_split(data_args.test_data, data_args.test_split, data_args, run.tokenizer, data_args.max_test_examples) if needs_test else None
+    basis = None
+    if args.method == "arnoldi":
+        basis = ArnoldiBasis.load(basis_save_path(args.basis_path or run.output_dir))
+        run.inf.check_basis(basis)
+    return ScoringJob(run, raw_train, train, test, basis, args)
+
+
+def check_request(data_args: DataArguments, inf_args: InfluenceArguments, args: ScoringArguments, needs_test: bool = False) -> None:
+    """Refuse an impossible request before anything is loaded."""
     if needs_test and data_args.test_data is None:
         raise InvalidInputError("--kind pairwise needs --test_data (the rows whose influences are scored).")
     basis_path = basis_save_path(args.basis_path or inf_args.output_dir)
     if args.method == "arnoldi" and not basis_exists(basis_path):
         raise InvalidInputError(f"No Arnoldi basis at {basis_path}. Run `hf-influence fit` with the same --config first, "
                                 "pass --basis_path, or use --method tracin.")
-    check_writable_dir(inf_args.output_dir, "--output_dir")
-    accelerator = start_processes()
-    model, tokenizer = load_model(model_args)
-    raw_train = read_split(data_args.train_data, data_args.train_split, data_args, data_args.max_train_examples)
-    train = prepare_split(raw_train, data_args, tokenizer, data_args.train_data)
-    test = load_split(data_args.test_data, data_args.test_split, data_args, tokenizer, data_args.max_test_examples) if needs_test else None
-    inf = Influence(model, params=inf_args.params, last_n_layers=inf_args.last_n_layers, damping=inf_args.damping,
-                    batch_size=inf_args.batch_size, seed=inf_args.seed, progress=False)
-    basis = _load_basis(basis_path, inf_args.damping) if args.method == "arnoldi" else None
-    return ScoringJob(accelerator, inf, raw_train, train, test, basis, model_description(inf, model_args.model_name_or_path), inf_args, args)
-
-
-def _load_basis(path: Path, damping: float) -> ArnoldiBasis:
-    basis = ArnoldiBasis.load(path)
-    if basis.damping != damping:
-        raise IncompatibleBasisError(f"The basis at {path} was fitted with damping {basis.damping}, this run asks for {damping}. "
-                                     f"Pass --damping {basis.damping}, or refit with `hf-influence fit --damping {damping}`.")
-    return basis
 
 
 def score_self_influence(job: ScoringJob) -> ShardedScores:
     """Self-influence of every training row, sharded; merged on the main process once complete."""
     return sharded_self_influence(job.inf, job.train, job.output_dir / SHARDS_DIR, job.args.method, job.basis, job.args.shard_size,
-                                  job.accelerator, job.args.max_shards, merge=job.is_main, progress=job.is_main)
+                                  job.run.accelerator, job.args.max_shards, merge=job.is_main, progress=job.is_main)
 
 
 def run_score(model_args: ModelArguments, data_args: DataArguments, inf_args: InfluenceArguments,
               scoring: ScoringArguments, args: ScoreArguments) -> dict:
     """Score, merge and write the outputs (main process); print a summary table and return it."""
-    start = time.perf_counter()
-    job = load_job(model_args, data_args, inf_args, scoring, needs_test=args.kind == "pairwise")
-    wait_for_everyone(job.accelerator)  # scoring time starts when every rank has loaded
-    scoring_start = time.perf_counter()
-    if args.kind == "self":
-        result = score_self_influence(job)
-    else:
-        result = sharded_scores(job.inf, job.test, job.train, job.output_dir / SHARDS_DIR, scoring.method, job.basis, args.knn,
-                                scoring.shard_size, job.accelerator, scoring.max_shards, merge=job.is_main, progress=job.is_main,
-                                knn_embedding=args.knn_embedding, knn_metric=args.knn_metric)
-    summary = shard_summary(result, time.perf_counter() - scoring_start)
-    if job.is_main and result.scores is not None:
-        summary |= write_self_influence(job, result.scores) if args.kind == "self" else _write_pairwise(job, result.scores)
-    summary["seconds"] = round(time.perf_counter() - start, 2)
-    if job.is_main:
-        update_run_config(inf_args.output_dir, "score", job.model_info, (model_args, data_args, inf_args, scoring, args), summary)
-        print_table(f"hf-influence score --kind {args.kind} --method {scoring.method}", summary_rows(summary, inf_args.output_dir))
-    if job.accelerator is not None:
-        job.accelerator.end_training()
+    check_request(data_args, inf_args, scoring, needs_test=args.kind == "pairwise")
+    with Session(model_args, inf_args, progress=False) as run:
+        job = load_job(run, data_args, scoring, needs_test=args.kind == "pairwise")
+        run.wait()  # scoring time starts when every rank has loaded
+        scoring_start = time.perf_counter()
+        if args.kind == "self":
+            result = score_self_influence(job)
+        else:
+            result = sharded_scores(job.inf, job.test, job.train, job.output_dir / SHARDS_DIR, scoring.method, job.basis, args.knn,
+                                    scoring.shard_size, run.accelerator, scoring.max_shards, merge=job.is_main, progress=job.is_main,
+                                    knn_embedding=args.knn_embedding, knn_metric=args.knn_metric)
+        summary = shard_summary(result, time.perf_counter() - scoring_start)
+        if job.is_main and result.scores is not None:
+            summary |= write_self_influence(job, result.scores) if args.kind == "self" else _write_pairwise(job, result.scores)
+        run.finish("score", (model_args, data_args, inf_args, scoring, args), summary)
+        if job.is_main:
+            print_table(f"hf-influence score --kind {args.kind} --method {scoring.method}", summary_rows(summary, inf_args.output_dir))
     return summary
 
 

@@ -12,17 +12,13 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from .._utils.errors import TrainerMixinError
-from ..distributed import (
-    broadcast_from_main,
-    is_main_process,
-    sharded_method,
-    sharded_scores,
-    sharded_self_influence,
-    wait_for_everyone,
-)
+from ..config import BasisConfig, InfluenceConfig, Method, ScoringConfig, sharded_method
+from ..data import select_rows
 from ..engine.ihvp.arnoldi import ArnoldiBasis, basis_exists, basis_save_path
-from ..influence import Influence, Method
-from ..knn import KnnScores, select_rows
+from ..engine.ihvp.lissa import LissaConfig
+from ..influence import Influence
+from ..jobs import StestRun, broadcast_from_main, is_main_process, sharded_s_test, sharded_scores, sharded_self_influence, wait_for_everyone
+from ..knn import KnnScores
 from ..metrics import check_filter_rule, noisy_mask
 from .arguments import InfluenceArgumentsMixin
 
@@ -55,7 +51,7 @@ class InfluenceTrainerMixin:
     the trainer's model (scored in eval mode), data collator, ``Accelerator`` and ``output_dir``,
     and read their settings from the ``influence_*`` fields of `InfluenceTrainingArguments`. They
     work after ``train()`` or on a loaded model. Scores are computed in fixed shards saved under
-    ``output_dir/<influence_dir>/shards`` (see `hf_influence.distributed`): under ``accelerate
+    ``output_dir/<influence_dir>/shards`` (see `hf_influence.jobs`): under ``accelerate
     launch`` or ``torchrun`` the processes share the shards, and a rerun resumes. Summaries go
     through ``self.log``. Score sign: ``g_testᵀ (H + λI)^-1 g_train``, positive = the training
     example helps (Koh & Liang's ``I_up,loss`` is the negative).
@@ -76,9 +72,9 @@ class InfluenceTrainerMixin:
         the exact eigenbasis of the empirical Fisher) for the model's current weights.
 
         The Hessian is that of the mean training loss over a seeded random subset of
-        ``influence_hessian_examples`` rows of ``dataset``. The main process fits and saves it to
-        ``output_dir/<influence_dir>/arnoldi_basis.safetensors``; the others load it, so every
-        process scores with the same basis.
+        ``influence_hessian_examples`` rows of ``dataset``. Every process runs the fit (each its share
+        of the Hessian rows where the solver spreads them, so all end with the same basis); the main
+        process saves it to ``output_dir/<influence_dir>/arnoldi_basis.safetensors``.
 
         Args:
             dataset (`datasets.Dataset`, *optional*): defaults to ``self.train_dataset``.
@@ -86,15 +82,14 @@ class InfluenceTrainerMixin:
         Returns:
             `ArnoldiBasis`: top ``influence_rank`` eigenpairs by |λ| (Schioppa et al. 2022).
         """
-        settings = self._influence_settings()
+        settings = self._influence_settings().influence_config(BasisConfig)
         dataset = self._dataset_or_train(dataset, "fit_influence")
-        path = basis_save_path(self._influence_root())
+        inf = self.get_influence(progress=not self.args.disable_tqdm and is_main_process(self.accelerator))
+        basis = inf.fit_basis(self.get_influence_dataloader(self.get_hessian_dataset(dataset)), settings.rank, settings.iterations,
+                              settings.curvature)
         if is_main_process(self.accelerator):
-            inf = self.get_influence(progress=not self.args.disable_tqdm)
-            hessian = self.get_influence_dataloader(self.get_hessian_dataset(dataset))
-            inf.fit_basis(hessian, settings.influence_rank, settings.influence_iterations, settings.influence_curvature).save(path)
+            basis.save(basis_save_path(self._influence_root()))
         wait_for_everyone(self.accelerator)
-        basis = ArnoldiBasis.load(path)
         self.log({"influence/basis_rank": float(basis.rank), "influence/lambda_max": float(basis.eigenvalues[0]),
                   "influence/lambda_smallest_kept": float(basis.eigenvalues[-1])})
         return basis
@@ -106,14 +101,14 @@ class InfluenceTrainerMixin:
             dataset (`datasets.Dataset`, *optional*): defaults to ``self.train_dataset``; scored in row order.
             method (`str`, *optional*): ``"arnoldi"`` or ``"tracin"``; defaults to ``influence_method``.
                 Arnoldi reuses the saved basis if it was fitted on the current weights with the same
-                parameters, damping, rank and curvature; otherwise it calls :meth:`fit_influence` first.
+                parameters, rank and curvature (damping is a scoring setting); otherwise it calls :meth:`fit_influence` first.
         """
-        settings = self._influence_settings()
+        settings = self._influence_settings().influence_config(ScoringConfig)
         dataset = self._dataset_or_train(dataset, "self_influence")
-        method = sharded_method(method or settings.influence_method)
+        method = sharded_method(method or settings.method)
         result = sharded_self_influence(
             self.get_influence(), self.get_influence_dataloader(dataset), self._influence_root() / "shards", method,
-            self._influence_basis(method), settings.influence_shard_size, self.accelerator, progress=not self.args.disable_tqdm,
+            self._influence_basis(method), settings.shard_size, self.accelerator, progress=not self.args.disable_tqdm,
         )
         self._log_shards(result.report)
         self.log({"influence/self_influence_mean": float(result.scores.mean()), "influence/self_influence_max": float(result.scores.max())})
@@ -132,16 +127,38 @@ class InfluenceTrainerMixin:
             `torch.Tensor` of shape `[n_test, n_train]` (positive = the training row helps the test
             row), or with ``knn`` a `KnnScores` with ``scores`` and ``indices`` of shape ``[n_test, knn]``.
         """
-        settings = self._influence_settings()
+        settings = self._influence_settings().influence_config(ScoringConfig)
         train_dataset = self._dataset_or_train(train_dataset, "influence")
-        method = sharded_method(method or settings.influence_method)
+        method = sharded_method(method or settings.method)
         result = sharded_scores(
             self.get_influence(), self.get_influence_dataloader(test_dataset), self.get_influence_dataloader(train_dataset),
-            self._influence_root() / "shards", method, self._influence_basis(method), knn, settings.influence_shard_size,
+            self._influence_root() / "shards", method, self._influence_basis(method), knn, settings.shard_size,
             self.accelerator, progress=not self.args.disable_tqdm,
         )
         self._log_shards(result.report)
         return result.scores
+
+    def s_test(self, test_dataset: Any, hessian_dataset: Any = None, lissa: str | LissaConfig = "auto",
+               points_per_solve: int = 8) -> torch.Tensor:
+        """``(H + λI)^-1 ∇L(z_test)`` by LiSSA for every row of ``test_dataset``: ``[n_test, P]``, resumable.
+
+        One file per test point under ``output_dir/<influence_dir>/s_test`` (see `hf_influence.jobs.stest`): a rerun
+        reads finished points back; under several processes the LiSSA repeats are spread over them.
+
+        Args:
+            test_dataset (`datasets.Dataset`): the test points, in row order.
+            hessian_dataset (`datasets.Dataset`, *optional*): rows defining the Hessian; defaults to ``self.train_dataset``
+                (its seeded random subset of ``influence_hessian_examples`` rows).
+            lissa (`str` or `LissaConfig`, defaults to `"auto"`): ``"auto"``, ``"fastif"``, ``"koh_liang"`` or settings.
+            points_per_solve (`int`, defaults to `8`): test points solved together (fixed groups: keep it when resuming).
+        """
+        hessian_dataset = self._dataset_or_train(hessian_dataset, "s_test")
+        run: StestRun = sharded_s_test(
+            self.get_influence(), self._model_rows(test_dataset), self._model_rows(hessian_dataset), self._influence_root(), lissa,
+            points_per_solve, self.accelerator, load=True, progress=not self.args.disable_tqdm,
+        )
+        self.log({"influence/s_test_computed": float(run.computed), "influence/s_test_skipped": float(run.skipped)})
+        return run.vectors
 
     def filter_noisy(self, dataset: Any = None, fraction: float | None = None, threshold: float | None = None, method: str | None = None) -> Any:
         """``dataset`` without its most self-influential rows (likely mislabelled), in row order.
@@ -166,28 +183,18 @@ class InfluenceTrainerMixin:
         """An `Influence` over the trainer's model with the ``influence_*`` settings (parameters, damping,
         batch size, seed, projection, memory budget), for methods the trainer does not wrap (LiSSA,
         random projection, spectra)."""
-        settings = self._influence_settings()
-        return Influence(
-            self.model, params=settings.influence_params, last_n_layers=settings.influence_last_n_layers,
-            damping=settings.influence_damping, batch_size=settings.influence_batch_size, seed=settings.influence_seed,
-            projection=settings.influence_projection, memory_budget_gb=settings.influence_memory_budget_gb, progress=progress,
-        )
+        return Influence.from_config(self.model, self._influence_settings().influence_config(InfluenceConfig), progress=progress)
 
     def get_influence_dataloader(self, dataset: Any) -> DataLoader:
         """``dataset`` as the influence methods read it: rows in order, columns the model does not take
         removed, ``influence_batch_size`` rows per batch, collated by the trainer's collator."""
-        if hasattr(dataset, "column_names"):
-            dataset = self._remove_unused_columns(dataset, description="influence")
-        return DataLoader(dataset, batch_size=self.args.influence_batch_size, shuffle=False, collate_fn=TensorBatches(self.data_collator))
+        return DataLoader(self._model_rows(dataset), batch_size=self.args.influence_batch_size, shuffle=False,
+                          collate_fn=TensorBatches(self.data_collator))
 
     def get_hessian_dataset(self, dataset: Any = None) -> Any:
         """The rows whose mean loss defines the Hessian of :meth:`fit_influence`: a seeded random subset
         of ``influence_hessian_examples`` rows of ``dataset`` (default ``self.train_dataset``), in row order."""
-        settings = self._influence_settings()
-        dataset = self._dataset_or_train(dataset, "get_hessian_dataset")
-        count = min(settings.influence_hessian_examples, len(dataset))
-        rows = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(settings.influence_seed))[:count]
-        return select_rows(dataset, sorted(rows.tolist()))
+        return self.get_influence().hessian_rows(self._dataset_or_train(dataset, "get_hessian_dataset"))
 
     # ----------------------------------------------------------------- wiring
     def _influence_settings(self) -> InfluenceArgumentsMixin:
@@ -205,6 +212,10 @@ class InfluenceTrainerMixin:
             )
         return self.args
 
+    def _model_rows(self, dataset: Any) -> Any:
+        """``dataset`` without the columns the model does not take (as the Trainer's own loaders drop them)."""
+        return self._remove_unused_columns(dataset, description="influence") if hasattr(dataset, "column_names") else dataset
+
     def _influence_root(self) -> Path:
         return Path(self.args.output_dir) / self.args.influence_dir
 
@@ -214,7 +225,7 @@ class InfluenceTrainerMixin:
         return self.train_dataset if dataset is None else dataset
 
     def _influence_basis(self, method: Method) -> ArnoldiBasis | None:
-        """The saved basis if it was fitted on the current weights with the same parameters, damping, rank and curvature
+        """The saved basis if it was fitted on the current weights with the same parameters, rank and curvature
         (the main process decides, so every rank agrees), else a new :meth:`fit_influence`."""
         if method is not Method.ARNOLDI:
             return None
@@ -226,12 +237,11 @@ class InfluenceTrainerMixin:
         return self.fit_influence()
 
     def _saved_basis_matches(self, root: Path) -> bool:
+        """The one reuse rule (`Influence.basis_mismatches`) with this trainer's rank and curvature."""
         if not basis_exists(root):
             return False
-        basis, settings, inf = ArnoldiBasis.load(root), self.args, self.get_influence()
-        return (basis.param_names == list(inf.selection.names) and basis.fingerprint == inf.selection.fingerprint(self.model)
-                and basis.damping == settings.influence_damping and basis.rank == settings.influence_rank
-                and basis.curvature == settings.influence_curvature)
+        requested = self.args.influence_config(BasisConfig)
+        return not self.get_influence().basis_mismatches(ArnoldiBasis.load(root), requested.rank, requested.curvature)
 
     def _log_shards(self, report: Any) -> None:
         self.log({"influence/shards_computed": float(len(report.computed)), "influence/shards_skipped": float(report.skipped)})

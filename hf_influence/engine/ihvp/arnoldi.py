@@ -13,26 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 
+from ..._utils.adapters import adapter_names_in, describe_adapter_change
 from ..._utils.errors import IncompatibleBasisError, InvalidInputError
 from ..._utils.io import load_tensors, save_tensors
-from .base import check_damping
+from ...config import check_damping
+from .base import distill  # noqa: F401  (Ritz pairs: shared with the block solver)
 
 BASIS_FILE = "arnoldi_basis.safetensors"
-CURVATURES = ("hessian", "fisher")  # fitted by Influence.fit_arnoldi / Influence.fit_fisher
-_METADATA_KEYS = ("param_names", "param_shapes", "damping", "iterations", "fingerprint", "model_class", "curvature")
-
-
-def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``rank`` eigenpairs by |λ|: eigenvalues ``[rank]``, unit eigenvectors ``[rank, P]``."""
-    m = hessenberg.shape[1]
-    if rank > m:
-        raise InvalidInputError(f"rank={rank} exceeds the {m} Arnoldi iterations completed; lower rank or raise iterations.")
-    square = hessenberg[:m, :m].double()
-    eigenvalues, eigenvectors = torch.linalg.eigh((square + square.T) / 2)
-    order = eigenvalues.abs().argsort(descending=True)[:rank]
-    vectors = eigenvectors[:, order].T.to(basis.dtype) @ basis[:m]  # [rank, P]
-    vectors = vectors / vectors.norm(dim=1, keepdim=True)
-    return eigenvalues[order].to(basis.dtype), vectors
+_METADATA_KEYS = ("param_names", "param_shapes", "iterations", "fingerprint", "model_class", "curvature")
 
 
 @dataclass
@@ -43,7 +31,6 @@ class ArnoldiBasis:
         eigenvalues (`torch.Tensor` of shape `[p̄]`): λ_i, ordered by decreasing |λ|.
         eigenvectors (`torch.Tensor` of shape `[p̄, P]`): orthonormal u_i in ``named_parameters()`` order.
         param_names (`list[str]`), param_shapes (`list[list[int]]`): the parameter selection.
-        damping (`float`): additive λ used in scores.
         iterations (`int`): Arnoldi iterations run (0 for the Fisher, which is decomposed exactly).
         fingerprint (`str`): hash of the selected weights (see ``ParamSelection.fingerprint``).
         model_class (`str`): class name of the model it was fitted on.
@@ -55,7 +42,6 @@ class ArnoldiBasis:
     eigenvectors: torch.Tensor
     param_names: list[str]
     param_shapes: list[list[int]]
-    damping: float
     iterations: int
     fingerprint: str
     model_class: str
@@ -65,9 +51,9 @@ class ArnoldiBasis:
     def rank(self) -> int:
         return int(self.eigenvalues.shape[0])
 
-    def inverse_eigenvalues(self) -> torch.Tensor:
-        """``1 / (λ_i + damping)``, ``[p̄]``."""
-        return 1.0 / (self.eigenvalues + check_damping(self.damping))
+    def inverse_eigenvalues(self, damping: float) -> torch.Tensor:
+        """``1 / (λ_i + damping)``, ``[p̄]``. Damping is the scorer's setting, not the basis's: one basis serves any."""
+        return 1.0 / (self.eigenvalues + check_damping(damping))
 
     def metadata(self) -> dict:
         return {"kind": "arnoldi_basis", "rank": self.rank, **{k: getattr(self, k) for k in _METADATA_KEYS}}
@@ -81,22 +67,35 @@ class ArnoldiBasis:
         """Read a basis written by :meth:`save`."""
         return load_basis(path)
 
-    def check_compatible(self, param_names: list[str], param_shapes: list[list[int]], fingerprint: str, model_class: str) -> None:
-        """Refuse use with another model or parameter selection, showing saved vs requested."""
+    def mismatches(self, param_names: list[str], param_shapes: list[list[int]], fingerprint: str, model_class: str,
+                   rank: int | None = None, curvature: str | None = None) -> list[str]:
+        """Why this basis cannot serve the given model and selection (and, when given, ``rank`` / ``curvature``
+        requests): the one reuse rule, used by the facade, the Trainer, the CLI and sharded jobs. Empty = reusable."""
         problems = []
         if list(param_names) != list(self.param_names) or [list(s) for s in param_shapes] != self.param_shapes:
             problems.append(
                 f"parameter selection: saved {len(self.param_names)} tensors ({_short(self.param_names)}), "
-                f"requested {len(param_names)} ({_short(param_names)})"
+                f"requested {len(param_names)} ({_short(param_names)})" + describe_adapter_change(self.param_names, param_names)
             )
         elif fingerprint != self.fingerprint:
-            problems.append(f"model weights: saved fingerprint {self.fingerprint[:12]}…, this model {fingerprint[:12]}…")
+            weights = "model weights or PEFT adapter (its weights or config)" if adapter_names_in(param_names) else "model weights"
+            problems.append(f"{weights}: saved fingerprint {self.fingerprint[:12]}…, this model {fingerprint[:12]}…")
         if model_class != self.model_class:
             problems.append(f"model class: saved {self.model_class}, requested {model_class}")
+        if rank is not None and rank != self.rank:
+            problems.append(f"rank: saved {self.rank}, requested {rank}")
+        if curvature is not None and curvature != self.curvature:
+            problems.append(f"curvature: saved {self.curvature}, requested {curvature}")
+        return problems
+
+    def check_compatible(self, param_names: list[str], param_shapes: list[list[int]], fingerprint: str, model_class: str,
+                         rank: int | None = None, curvature: str | None = None) -> None:
+        """Raise `IncompatibleBasisError` listing :meth:`mismatches`, saved vs requested, with the way out."""
+        problems = self.mismatches(param_names, param_shapes, fingerprint, model_class, rank, curvature)
         if problems:
             raise IncompatibleBasisError(
-                "This Arnoldi basis was fitted on a different model: " + "; ".join(problems) + ". Fit a new basis "
-                "with Influence.fit_arnoldi(...) on this model, or load the model the basis was fitted on."
+                "This eigenbasis was fitted for a different model or request: " + "; ".join(problems) + ". Fit a new basis "
+                "with Influence.fit_basis(...) on this model, or load the model the basis was fitted on."
             )
 
 

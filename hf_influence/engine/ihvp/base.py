@@ -1,12 +1,17 @@
-"""What the solvers share: the preconditioner contract and the damping check."""
+"""What the solvers share: the preconditioner contract, the damping check, and Ritz pairs from a Krylov basis."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
+from transformers.utils import logging
 
 from ..._utils.errors import InvalidInputError
+from ...config import check_damping  # noqa: F401  (solvers import the one damping rule from here)
+
+
+logger = logging.get_logger(__name__)
 
 
 class Preconditioner(Protocol):
@@ -19,11 +24,36 @@ class Preconditioner(Protocol):
     def __call__(self, rows: torch.Tensor) -> torch.Tensor: ...
 
 
-def check_damping(damping: float) -> float:
-    """Damping is additive (the solvers target ``(H + λI)^-1``) and must be >= 0."""
-    if not isinstance(damping, (int, float)) or damping != damping or damping < 0:
-        raise InvalidInputError(
-            f"damping must be a number >= 0 (the solver targets (H + damping·I)^-1), got {damping!r}. "
-            "For FastIF's (damp, scale) pair use damping = damp * scale."
-        )
-    return float(damping)
+class RitzPairs(NamedTuple):
+    """Approximate eigenpairs of ``H`` from a Krylov basis, ordered by decreasing |λ|."""
+
+    eigenvalues: torch.Tensor  # [rank]
+    eigenvectors: torch.Tensor  # [rank, P], orthonormal
+    residuals: torch.Tensor  # [rank], ‖H u - λ u‖ from the Krylov relation, float64
+
+
+def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> RitzPairs:
+    """Top-``rank`` Ritz pairs by |λ| from an orthonormal Krylov basis ``[m + b, P]`` and the (block)
+    Hessenberg matrix ``[m + b, m]`` of ``H basis[:m]ᵀ = basis[:m + b]ᵀ hessenberg`` (b = 1 for Arnoldi).
+
+    The residual of the pair ``(λ, Q y)`` is ``‖hessenberg[m:] y‖``, the part of ``H Q y`` outside the basis
+    (Saad, "Numerical Methods for Large Eigenvalue Problems", Prop. 6.8 / its block analogue).
+    """
+    m = hessenberg.shape[1]
+    if rank > m:
+        raise InvalidInputError(f"rank={rank} exceeds the {m} Krylov vectors built (iterations completed); lower rank or raise iterations.")
+    square = hessenberg[:m, :m].double()
+    eigenvalues, eigenvectors = torch.linalg.eigh((square + square.T) / 2)
+    order = eigenvalues.abs().argsort(descending=True)[:rank]
+    residuals = (hessenberg[m:].double() @ eigenvectors[:, order]).norm(dim=0)  # [rank]
+    vectors = eigenvectors[:, order].T.to(basis.dtype) @ basis[:m]  # [rank, P]
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    return RitzPairs(eigenvalues[order].to(basis.dtype), vectors, residuals)
+
+
+def log_residuals(eigenvalues: torch.Tensor, residuals: torch.Tensor, solver: str) -> None:
+    """Log the largest relative Ritz residual ``‖Hu - λu‖ / |λ|`` of a fit, and the per-pair values at debug level."""
+    relative = residuals / eigenvalues.double().abs().clamp_min(1e-30)
+    logger.info(f"{solver}: {eigenvalues.numel()} eigenpairs, largest relative residual ‖Hu - λu‖/|λ| = {float(relative.max()):.2e} "
+                f"(pair {int(relative.argmax())}, λ = {float(eigenvalues[relative.argmax()]):.4g}).")
+    logger.debug(f"{solver} residuals ‖Hu - λu‖: {[round(float(r), 8) for r in residuals]}")

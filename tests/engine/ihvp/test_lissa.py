@@ -45,12 +45,13 @@ def exact_s_test(bert_oracle):
 
 def test_auto_lissa_correlates_with_exact(bert_oracle):
     inf = bert_oracle["inf"]
-    s_test = inf.s_test(bert_oracle["test"], bert_oracle["train"], lissa="auto")
-    assert utils.pearson(s_test, exact_s_test(bert_oracle)) >= utils.PEARSON_FLOOR
-    chosen = inf.last_lissa.config
-    assert chosen.scale > inf.last_spectrum.lambda_max + utils.BERT_DAMPING
+    resolved = inf.resolve_lissa(bert_oracle["train"], "auto")
+    result = inf.solve_s_test(bert_oracle["test"], bert_oracle["train"], lissa=resolved)
+    assert utils.pearson(result.solution.T, exact_s_test(bert_oracle)) >= utils.PEARSON_FLOOR
+    chosen = result.config
+    assert chosen.scale > resolved.spectrum.lambda_max + utils.BERT_DAMPING
     koh_liang = hfi.LissaConfig.koh_liang()
-    assert 10 * inf.last_lissa.hvps * chosen.batch_size <= koh_liang.steps * koh_liang.batch_size  # example-HVPs
+    assert 10 * result.hvps * chosen.batch_size <= koh_liang.steps * koh_liang.batch_size  # example-HVPs
 
 
 def test_choose_config_follows_the_spectrum():
@@ -84,6 +85,6 @@ def test_fastif_converter_and_presets():
 def test_divergence_restarts_with_larger_scale(bert_oracle):
     inf = bert_oracle["inf"]
     config = hfi.LissaConfig(scale=0.06, steps=50, batch_size=48, restarts=1)  # 4 x 0.06 > λ_max + λ ≈ 0.17
-    s_test = inf.s_test(bert_oracle["test"].select(range(3)), bert_oracle["train"], lissa=config)
-    assert torch.isfinite(s_test).all()
-    assert inf.last_lissa.config.scale == pytest.approx(0.24)
+    result = inf.solve_s_test(bert_oracle["test"].select(range(3)), bert_oracle["train"], lissa=config)
+    assert torch.isfinite(result.solution).all()
+    assert result.config.scale == pytest.approx(0.24)
