@@ -1,15 +1,15 @@
 """kNN restriction (FastIF) on real NLI data: the top-10 influential training pairs of a test pair,
 full scan vs ``k`` = 1% and 10% of the training set, timed side by side in one process.
 
-    python benchmarks/knn.py [--embedding classifier_input|head_gradient] [--data-dir ../shared/data] [--num-test 40]
+    python benchmarks/knn.py [--embedding head_gradient|classifier_input] [--data-dir ../shared/data] [--num-test 40]
 
 SICK (``../shared/data/sick``, read in place; the script exits cleanly when it is absent) trains a
 word-level tokenizer and a tiny BERT from config. One Arnoldi basis is fitted once and reused by
 every query (method ``"arnoldi"``), and one exact FAISS index over the training set is built once;
-both one-off costs are reported apart. The index holds FastIF's features (the classifier input,
-L2; the default) or, with ``--embedding head_gradient``, each pair's loss gradient w.r.t. the
-head (pooler + classifier), searched by |inner product| with the head block of the preconditioned
-test gradient (the head's share of the Arnoldi score). Each query is answered from scratch, as FastIF does: no
+both one-off costs are reported apart. The index holds the library's default for classifiers, each
+pair's loss gradient w.r.t. the head (pooler + classifier), searched by |inner product| with the head
+block of the preconditioned test gradient (the head's share of the Arnoldi score), or with
+``--embedding classifier_input`` FastIF's features (the classifier input, L2). Each query is answered from scratch, as FastIF does: no
 training-side features are cached between queries. Per query:
 
 - *scan*: time inside ``engine.scoring.pairwise_scores`` (candidate features + dot products),
@@ -43,10 +43,10 @@ import hf_influence as hfi  # noqa: E402
 from benchmarks._tiny_bert import train_tiny_bert  # noqa: E402
 from hf_influence import influence as influence_module  # noqa: E402
 from hf_influence import knn as knn_module  # noqa: E402
-from hf_influence.cli.demo import build_tokenizer  # noqa: E402
 from hf_influence.corpora import load_sick  # noqa: E402
 from hf_influence.data import make_loader  # noqa: E402
-from hf_influence.knn import rank_scores  # noqa: E402
+from hf_influence.knn import rank_scores, search as search_module  # noqa: E402
+from hf_influence.recipes.presets import build_tokenizer  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOP = 10
@@ -62,8 +62,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--last-n-layers", type=int, default=1, help="score the last k layers + pooler + classifier (FastIF "
                         "freezes embeddings and all but the top layers); 0 scores every parameter")
-    parser.add_argument("--embedding", default="classifier_input", choices=sorted(knn_module.EMBEDDINGS),
-                        help="kNN features: FastIF's classifier input, or head_gradient (the head's loss gradient)")
+    parser.add_argument("--embedding", default=None, choices=sorted(knn_module.EMBEDDINGS),
+                        help="kNN features (default: the library's, head_gradient for classifiers): head_gradient (the head's "
+                             "loss gradient) or classifier_input (FastIF's)")
     parser.add_argument("--metric", default=None, choices=knn_module.METRICS,
                         help="index metric (default: l2 for features, abs_ip for head_gradient)")
     parser.add_argument("--rank", type=int, default=20, help="Arnoldi rank p̄")
@@ -123,11 +124,11 @@ class ScanTimer:
 
     @contextlib.contextmanager
     def installed(self):
-        influence_module.pairwise_scores = knn_module.pairwise_scores = self._timed
+        influence_module.pairwise_scores = search_module.pairwise_scores = self._timed
         try:
             yield self
         finally:
-            influence_module.pairwise_scores = knn_module.pairwise_scores = self._original
+            influence_module.pairwise_scores = search_module.pairwise_scores = self._original
 
 
 def query(inf, point: Dataset, train: Dataset, basis, timer: ScanTimer, **knn) -> tuple[object, float, float]:

@@ -3,7 +3,7 @@
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.ihvp.lissa import LissaConfig
 from .influence import Influence, Method
-from .knn import knn_recall
+from .metrics import knn_recall
 from .tasks import CausalLMTask, Seq2SeqTask, SequenceClassificationTask, Task
 from .trainer import (
     InfluenceSeq2SeqTrainer,

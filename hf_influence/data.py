@@ -1,4 +1,4 @@
-"""Batches from a tokenized ``datasets.Dataset`` or a ``DataLoader``, and per-example mask helpers."""
+"""Batches from a tokenized ``datasets.Dataset`` or a ``DataLoader``, row selection, and per-example mask helpers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from ._utils.errors import InvalidInputError
 
@@ -56,6 +56,29 @@ def make_loader(data: Any, batch_size: int, pad_token_id: int = 0) -> DataLoader
     if len(data) == 0:
         raise InvalidInputError("The dataset is empty: influence needs at least one example.")
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=PaddingCollator(pad_token_id))
+
+
+def dataset_of(data: Any) -> Any:
+    """The dataset behind ``data`` (a ``DataLoader``'s ``dataset``, else ``data`` itself)."""
+    return data.dataset if isinstance(data, DataLoader) else data
+
+
+def select_rows(data: Any, rows: list[int]) -> Any:
+    """The given rows of ``data``, in that order; a ``DataLoader`` keeps its batch size and collator."""
+    dataset = dataset_of(data)
+    subset = dataset.select(rows) if hasattr(dataset, "select") else Subset(dataset, rows)
+    if isinstance(data, DataLoader):
+        return DataLoader(subset, batch_size=data.batch_size, collate_fn=data.collate_fn)
+    return subset
+
+
+def check_in_order(train_data: Any) -> None:
+    """Candidate indices are dataset rows, so a training ``DataLoader`` must iterate in dataset order."""
+    if isinstance(train_data, DataLoader) and not isinstance(train_data.sampler, SequentialSampler):
+        raise InvalidInputError(
+            "With knn=, the training DataLoader must iterate in dataset order (shuffle=False, no custom sampler): "
+            f"its sampler is a {type(train_data.sampler).__name__}. Pass the Dataset, or a DataLoader with shuffle=False."
+        )
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -111,7 +134,7 @@ def dataset_fingerprint(data: Any) -> str:
     """SHA-256 of the numeric columns' contents in row order: the same rows give the same hash in any
     process, however the dataset was built (``datasets``' own ``_fingerprint`` tracks the operations
     instead, and can differ for equal contents). A ``datasets.Dataset`` is hashed through Arrow."""
-    dataset = data.dataset if isinstance(data, DataLoader) else data
+    dataset = dataset_of(data)
     digest = hashlib.sha256(f"rows:{len(dataset)}".encode())
     if len(dataset) == 0:
         return digest.hexdigest()

@@ -1,6 +1,7 @@
 """kNN restriction: with k = N it reproduces the full scan exactly; neighbours match brute force;
-the index round-trips and refuses a stale model or dataset; recall@m on a constructed case;
-embeddings equal a hand-computed pooling of each example run alone, without padding."""
+the index round-trips and refuses a stale model or dataset, checked once per run; recall@m on a
+constructed case; embeddings equal a hand-computed pooling of each example run alone, without padding;
+a plugged-in strategy's queries are used without the facade naming it."""
 
 import copy
 
@@ -12,13 +13,15 @@ import hf_influence as hfi
 from hf_influence import knn
 from hf_influence._utils.errors import InvalidInputError, StaleIndexError
 from hf_influence.data import PaddingCollator, dataset_fingerprint
-from hf_influence import head_gradient
-from hf_influence.head_gradient import classifier_output_layer, head_parameter_names
+from hf_influence.engine.grads import per_example_grads
+from hf_influence.knn import head_gradient
+from hf_influence.knn.head_gradient import classifier_output_layer, head_parameter_names
 from tests import utils
 
 EMBED_ATOL = 1e-5  # padded-batch pooling vs each example alone (fp32)
 NEIGHBOR_RTOL = 1e-9  # restricted vs full scores when candidate batches are padded differently (fp64)
 PARAMS = ["classifier", "pooler"]  # 323 parameters: the explicit Hessian takes well under a second
+FEATURES = "classifier_input"  # FastIF's features, L2: the brute-force neighbour checks below use them
 LISSA = hfi.LissaConfig(scale=1.0, steps=100, batch_size=8, seed=0)  # scale > λ_max + λ ≈ 0.17 here
 
 
@@ -27,7 +30,7 @@ def setup(trained_bert):
     model, train, test = trained_bert
     inf = hfi.Influence(model, params=PARAMS, damping=utils.BERT_DAMPING, batch_size=16, progress=False)
     basis = inf.fit_arnoldi(train, rank=10, iterations=30)
-    return {"inf": inf, "train": train, "test": test, "basis": basis, "index": knn.build_index(model, train, progress=False)}
+    return {"inf": inf, "train": train, "test": test, "basis": basis, "index": knn.build_index(model, train, FEATURES, progress=False)}
 
 
 def _scores(setup, method, **kwargs):
@@ -53,7 +56,7 @@ def test_k_equal_n_reproduces_the_full_scan_exactly(setup, method):
 def test_small_k_scores_the_true_nearest_neighbours(setup, method):
     inf, train, test = setup["inf"], setup["train"], setup["test"]
     restricted = _scores(setup, method, knn=5, index=setup["index"])
-    keys, queries = (knn.compute_embeddings(inf.model, d, progress=False) for d in (train, test))
+    keys, queries = (knn.compute_embeddings(inf.model, d, FEATURES, progress=False) for d in (train, test))
     assert torch.equal(restricted.indices, _brute_force_neighbors(queries, keys, 5))
     full = _scores(setup, method)
     torch.testing.assert_close(restricted.scores, full.gather(1, restricted.indices), rtol=NEIGHBOR_RTOL, atol=1e-12)
@@ -61,7 +64,7 @@ def test_small_k_scores_the_true_nearest_neighbours(setup, method):
 
 def test_index_is_built_on_the_fly_and_a_sequential_dataloader_works(setup):
     inf, train, test = setup["inf"], setup["train"], setup["test"]
-    expected = _scores(setup, "tracin", knn=7, index=setup["index"])
+    expected = inf.scores(test, train, method="tracin", knn=7)  # the default index, built from the Dataset
     loader = DataLoader(train, batch_size=5, collate_fn=PaddingCollator())
     from_loader = inf.scores(test, loader, method="tracin", knn=7)
     assert torch.equal(from_loader.indices, expected.indices)
@@ -86,7 +89,7 @@ def test_bad_requests_are_refused_before_any_work(setup, monkeypatch):
 # ----------------------------------------------------------------------------- index
 def test_index_round_trips_and_writes_atomically(setup, tmp_path):
     index, model, train = setup["index"], setup["inf"].model, setup["train"]
-    queries = knn.compute_embeddings(model, setup["test"], progress=False)
+    queries = knn.compute_embeddings(model, setup["test"], FEATURES, progress=False)
     assert not knn.index_exists(tmp_path)
     assert knn.save_index(index, tmp_path) == tmp_path / "knn_index.safetensors"
     assert [p.name for p in tmp_path.iterdir()] == ["knn_index.safetensors"]  # no temporary file left
@@ -230,6 +233,8 @@ CASES = {
                         lambda m, ids: m.transformer(input_ids=ids).last_hidden_state[0, -1]),  # the score head reads the last token
     "gpt2": (utils.tiny_gpt2, utils.lm_dataset, "last_hidden_mean", lambda m, ids: m.transformer(input_ids=ids).last_hidden_state[0].mean(0)),
 }
+DEFAULT_EMBEDDING = {"bert": "head_gradient", "gpt2-classifier": "head_gradient", "marian": "encoder_mean", "t5": "encoder_mean",
+                     "gpt2": "last_hidden_mean"}  # classifiers index the head gradient (issue 17), FastIF's features by name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -238,8 +243,8 @@ def test_embeddings_equal_pooling_of_each_example_alone(name):
     model, data = build().eval(), make_data(6, seed=3)
     batch = _padded(data, 6)
     assert int((batch["attention_mask"] == 0).sum()) > 0  # the batch really is padded
-    assert knn.infer_embedding(model) == kind
-    ours = knn.compute_embeddings(model.train(), data, batch_size=6, progress=False)  # eval mode is forced inside
+    assert knn.infer_embedding(model) == DEFAULT_EMBEDDING[name]
+    ours = knn.compute_embeddings(model.train(), data, kind, batch_size=6, progress=False)  # eval mode is forced inside
     assert ours.dtype == torch.float32 and model.training
     torch.testing.assert_close(ours, _expected(model.eval(), batch, state_of), rtol=0, atol=EMBED_ATOL)
 
@@ -251,7 +256,7 @@ def test_classifier_input_is_what_the_head_reads(build):
     batch = _padded(data, 6)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        from_embedding = classifier_output_layer(model)(knn.compute_embeddings(model, data, batch_size=6, progress=False))
+        from_embedding = classifier_output_layer(model)(knn.compute_embeddings(model, data, "classifier_input", batch_size=6, progress=False))
     torch.testing.assert_close(from_embedding, logits, rtol=0, atol=EMBED_ATOL)
 
 
@@ -315,3 +320,73 @@ def test_head_gradient_needs_labels():
     model, data = utils.tiny_bert().eval(), utils.classification_dataset(4, seed=6).remove_columns("labels")
     with pytest.raises(InvalidInputError, match="needs labels"):
         knn.compute_embeddings(model, data, "head_gradient", progress=False)
+
+
+# ----------------------------------------------------------------------------- defaults, strategies, one check per run
+def test_classifiers_default_to_the_head_gradient_and_fastif_features_stay_selectable(setup):
+    model, train = setup["inf"].model, setup["train"]
+    default = knn.build_index(model, train, progress=False)
+    heads = knn.compute_embeddings(model, train, "head_gradient", progress=False)  # [N, d]
+    assert (default.embedding, default.metric, default.dim) == ("head_gradient", "abs_ip", heads.shape[1])
+    expected = (heads[:6].double() @ heads.double().T).abs().topk(3, dim=1).indices
+    assert torch.equal(default.search(heads[:6], 3)[1], expected)
+    assert (setup["index"].embedding, setup["index"].metric) == ("classifier_input", "l2")
+
+
+class SelectionGradient(knn.Embedding):
+    """A strategy from outside the library: each row is the example's gradient over the whole selection, and the
+    query is the preconditioned test gradient in parameter space, so query · row is the influence score itself."""
+
+    name, metric = "selection_gradient", "abs_ip"
+
+    def __init__(self, inf):
+        self.inf = inf
+
+    def embed(self, model, batch):
+        return per_example_grads(self.inf.train_loss, self.inf.selection.tensors(model), batch)
+
+    def queries(self, model, selection, preconditioned, directions):
+        return preconditioned if directions is None else preconditioned @ directions.to(preconditioned.dtype)
+
+
+@pytest.mark.parametrize("method", ["exact", "arnoldi"])
+def test_a_plugged_in_strategy_supplies_the_queries(setup, method):
+    """The facade uses the strategy's queries without naming it: the candidates are the full scan's top-k by |score|."""
+    index = knn.build_index(setup["inf"].model, setup["train"], SelectionGradient(setup["inf"]), progress=False)
+    assert (index.embedding, index.metric) == ("selection_gradient", "abs_ip")
+    full = _scores(setup, method)
+    restricted = _scores(setup, method, knn=5, index=index)
+    assert hfi.knn_recall(restricted, full, 5).tolist() == [1.0] * full.shape[0]
+    torch.testing.assert_close(restricted.scores, full.gather(1, restricted.indices), rtol=NEIGHBOR_RTOL, atol=1e-12)
+
+
+def test_the_index_is_verified_once_per_run_and_again_when_weights_or_data_change(setup, monkeypatch):
+    model, train, test = copy.deepcopy(setup["inf"].model), setup["train"], setup["test"]
+    inf = hfi.Influence(model, params=PARAMS, damping=utils.BERT_DAMPING, batch_size=16, progress=False)
+    index = knn.build_index(model, train, FEATURES, progress=False)
+    hashes, fingerprint = [], knn.index.model_fingerprint
+    monkeypatch.setattr(knn.index, "model_fingerprint", lambda m: hashes.append(m) or fingerprint(m))
+    for shard in ([0, 1], [2], [3, 4, 5]):  # as a sharded job calls it
+        inf.scores(test.select(shard), train, method="tracin", knn=4, index=index)
+    assert len(hashes) == 1
+    saved = model.classifier.bias.detach().clone()
+    with torch.no_grad():
+        model.classifier.bias.add_(1e-3)  # in place: same tensor, new weights
+    with pytest.raises(StaleIndexError, match="model: built on"):
+        inf.scores(test, train, method="tracin", knn=4, index=index)
+    with torch.no_grad():
+        model.classifier.bias.copy_(saved)
+    inf.scores(test, train, method="tracin", knn=4, index=index)
+    with pytest.raises(StaleIndexError, match="training data: built on 48 examples"):
+        inf.scores(test, train.select(range(40)), method="tracin", knn=3, index=index)
+    assert len(hashes) == 4
+
+
+@pytest.mark.parametrize("embedding", ["head_gradient", "classifier_input"])
+def test_progress_false_shows_no_bar(setup, capfd, embedding):
+    model, train, test = setup["inf"].model, setup["train"], setup["test"]
+    knn.build_index(model, train, embedding, progress=False)
+    setup["inf"].scores(test, train, method="tracin", knn=3)  # the index is built on the fly with the Influence's progress=False
+    assert capfd.readouterr().err == ""
+    knn.build_index(model, train, embedding, progress=True)
+    assert "embeddings" in capfd.readouterr().err

@@ -1,7 +1,7 @@
 """``hf-influence demo``: the embedded default. No network, no files needed, minutes on a CPU.
 
-Generates a small NLI-style task, trains a word-level tokenizer, flips 10% of the training labels,
-and trains a tiny BERT with `InfluenceTrainer`. Through the trainer it then fits an Arnoldi basis
+Generates a small NLI-style task, trains a word-level tokenizer (both from `hf_influence.recipes.presets`),
+flips 10% of the training labels, and trains a tiny BERT with `InfluenceTrainer`. Through the trainer it then fits an Arnoldi basis
 (``fit_influence``), ranks training pairs by self-influence (``self_influence``), reports how well
 each ranking finds the flipped pairs (AUC, AP), removes the top-ranked fraction
 (``filter_noisy``) and retrains to compare test accuracy before and after. Everything lands in
@@ -20,23 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast, PrinterCallback
+from transformers import PreTrainedTokenizerFast, PrinterCallback
 
 from .._utils.errors import InvalidInputError
 from .._utils.io import atomic_path
 from ..metrics import noise_detection_metrics
+from ..outputs import ROW_INDEX
 from ..plots import plot_histogram, plot_precision_recall
 from ..recipes.noise import NOISY_COLUMN, flip_labels
+from ..recipes.presets import LABELS, build_tokenizer, fast_tokenizer, make_dataset, make_pair, tiny_bert_classifier
 from ..trainer import InfluenceTrainer, InfluenceTrainingArguments
-from .outputs import ROW_INDEX
-
-NOUNS = "cat dog bird horse child woman man farmer teacher doctor pilot chef artist singer player".split()
-OBJECTS = "ball book apple car guitar letter boat cake kite lamp phone river song table wall".split()
-VERBS = "sees holds paints carries likes finds cleans moves buys builds".split()
-ADJECTIVES = "young old tall small happy quiet busy brave".split()
-PLACES = "park garden kitchen school street market beach office".split()
-LABELS = ["entailment", "neutral", "contradiction"]
 
 
 @dataclass
@@ -69,52 +62,9 @@ class DemoArguments:
             raise InvalidInputError(f"Need 1 <= --rank <= --iterations, got {self.rank} and {self.iterations}.")
 
 
-def make_pair(rng: random.Random) -> tuple[str, str, int]:
-    """One premise/hypothesis pair whose label follows from its wording."""
-    noun, obj, verb, adj = rng.choice(NOUNS), rng.choice(OBJECTS), rng.choice(VERBS), rng.choice(ADJECTIVES)
-    premise = f"the {adj} {noun} {verb} the {obj}"
-    label = rng.randrange(3)
-    if label == 0:
-        hypothesis = f"the {noun} {verb} the {obj}"
-    elif label == 1:
-        other = rng.choice([o for o in OBJECTS if o != obj])  # half the neutral pairs need a comparison
-        hypothesis = f"the {noun} {verb} the {obj} in the {rng.choice(PLACES)}" if rng.random() < 0.5 else f"the {noun} {verb} the {other}"
-    else:
-        hypothesis = f"the {noun} does not {verb.rstrip('s')} the {obj}"
-    return premise, hypothesis, label
-
-
-def build_tokenizer(texts: list[str]) -> Tokenizer:
-    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    return tokenizer
-
-
-def make_dataset(pairs: list[tuple[str, str, int]], tokenizer: PreTrainedTokenizerFast) -> Dataset:
-    """Text, tokenized pairs, labels and each pair's ``row_index``."""
-    premises, hypotheses = [p for p, _, _ in pairs], [h for _, h, _ in pairs]
-    return Dataset.from_dict({"premise": premises, "hypothesis": hypotheses, **tokenizer(premises, hypotheses),
-                              "labels": [lab for _, _, lab in pairs], ROW_INDEX: list(range(len(pairs)))})
-
-
-def fast_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
-    """The word-level tokenizer as a transformers tokenizer, so the Trainer pads with ``DataCollatorWithPadding``."""
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
-
-
 def build_trainer(dataset: Dataset, tokenizer: PreTrainedTokenizerFast, output_dir: Path, args: DemoArguments, seed: int) -> InfluenceTrainer:
     """A fresh tiny BERT initialised from ``seed`` in an `InfluenceTrainer`, which trains it and scores its data."""
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=32, num_labels=3, pad_token_id=tokenizer.pad_token_id, attn_implementation="eager",
-    )
     training = InfluenceTrainingArguments(
         output_dir=str(output_dir), num_train_epochs=args.epochs, per_device_train_batch_size=32, per_device_eval_batch_size=64,
         learning_rate=args.learning_rate, warmup_steps=0.1, lr_scheduler_type="linear", weight_decay=0.01, seed=seed, use_cpu=True,
@@ -122,7 +72,8 @@ def build_trainer(dataset: Dataset, tokenizer: PreTrainedTokenizerFast, output_d
         influence_rank=args.rank, influence_iterations=args.iterations, influence_hessian_examples=args.hessian_examples,
         influence_batch_size=32, influence_shard_size=256, influence_seed=args.seed,
     )
-    trainer = InfluenceTrainer(model=BertForSequenceClassification(config), args=training, train_dataset=dataset, processing_class=tokenizer)
+    model = tiny_bert_classifier(len(tokenizer), tokenizer.pad_token_id, hidden_size=64, num_layers=2, max_length=32, num_labels=len(LABELS))
+    trainer = InfluenceTrainer(model=model, args=training, train_dataset=dataset, processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)  # the demo prints its own stage lines
     return trainer
 

@@ -1,4 +1,5 @@
-"""Files the ``fit`` / ``score`` / ``filter`` subcommands write under ``output_dir``, all atomically.
+"""The run record the ``fit`` / ``score`` / ``filter`` subcommands keep under ``output_dir`` (written atomically),
+and their console summaries. Writers shared with the recipes live in `hf_influence.outputs`.
 
 ``influence_config.json`` holds the library versions, the model, and one section per subcommand
 with its settings and results; each subcommand replaces only its own section.
@@ -7,34 +8,18 @@ with its settings and results; each subcommand replaces only its own section.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import Influence
-from .._utils.io import atomic_dir, atomic_path
+from .._utils.io import atomic_path
+from ..outputs import library_versions
 
 RUN_CONFIG = "influence_config.json"
-ROW_INDEX = "row_index"
-_LIBRARIES = ("hf_influence", "torch", "transformers", "accelerate", "datasets", "safetensors", "faiss-cpu")
-
-
-def library_versions() -> dict[str, str | None]:
-    """Python and the installed versions of the libraries results depend on (``None``: not installed)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def model_description(inf: Influence, name_or_path: str) -> dict:
@@ -53,23 +38,6 @@ def update_run_config(output_dir: str | os.PathLike, section: str, model: dict, 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(config, indent=2, default=str))
     return path
-
-
-def write_parquet(path: str | os.PathLike, columns: dict[str, Any]) -> Path:
-    """One parquet table from equal-length columns (tensors, arrays or lists)."""
-    table = pa.table({name: np.asarray(values) for name, values in columns.items()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return Path(path)
-
-
-def save_dataset(dataset: Any, path: str | os.PathLike, card: Any = None) -> Path:
-    """``dataset.save_to_disk`` into a fresh folder that replaces ``path``; ``card`` is saved as its README.md."""
-    with atomic_dir(path) as tmp:
-        dataset.save_to_disk(str(tmp))
-        if card is not None:
-            card.save(str(tmp / "README.md"))
-    return Path(path)
 
 
 def noise_labels(raw: Any, column: str) -> np.ndarray | None:

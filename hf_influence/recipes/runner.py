@@ -27,9 +27,9 @@ from datasets import Dataset
 
 from .._utils.errors import InvalidInputError
 from .._utils.io import atomic_path
-from ..cli.outputs import ROW_INDEX, library_versions, save_dataset
 from ..engine.ihvp.lissa import choose_lissa_config
 from ..metrics import noisy_mask
+from ..outputs import ROW_INDEX, library_versions, save_dataset
 from .cards import dataset_card, model_card
 from .data import hub_id, load_nli, load_translation
 from .noise import NOISY_COLUMN, NoiseRecord

@@ -20,20 +20,16 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
     DataCollatorForSeq2Seq,
-    MarianConfig,
-    MarianMTModel,
     PreTrainedTokenizerFast,
     PrinterCallback,
 )
 
-from ..cli.demo import build_tokenizer, fast_tokenizer
 from ..corpora import NLI_LABELS
 from ..tasks import Seq2SeqTask
 from ..trainer import InfluenceSeq2SeqTrainer, InfluenceSeq2SeqTrainingArguments, InfluenceTrainer, InfluenceTrainingArguments
 from .noise import flip_labels, permute_references
+from .presets import build_tokenizer, fast_tokenizer, tiny_bert_classifier, tiny_marian
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -82,10 +78,8 @@ class NliRecipeTask:
         torch.manual_seed(seed)
         if self.config.model_name_or_path:
             return AutoModelForSequenceClassification.from_pretrained(self.config.model_name_or_path, num_labels=len(NLI_LABELS))
-        return BertForSequenceClassification(BertConfig(
-            vocab_size=len(self.tokenizer), hidden_size=self.config.hidden_size, num_hidden_layers=self.config.num_layers,
-            num_attention_heads=4, intermediate_size=2 * self.config.hidden_size, max_position_embeddings=self.config.max_length,
-            num_labels=len(NLI_LABELS), pad_token_id=self.tokenizer.pad_token_id, attn_implementation="eager"))
+        return tiny_bert_classifier(len(self.tokenizer), self.tokenizer.pad_token_id, self.config.hidden_size, self.config.num_layers,
+                                    self.config.max_length, len(NLI_LABELS))
 
     def trainer(self, train: Dataset, output_dir: Path, seed: int) -> InfluenceTrainer:
         args = _training_arguments(InfluenceTrainingArguments, self.config, output_dir, seed)
@@ -143,13 +137,8 @@ class TranslationRecipeTask:
         torch.manual_seed(seed)
         if self.config.model_name_or_path:
             return AutoModelForSeq2SeqLM.from_pretrained(self.config.model_name_or_path)
-        pad = self.tokenizer.pad_token_id
-        size, layers = self.config.hidden_size, self.config.num_layers
-        return MarianMTModel(MarianConfig(
-            vocab_size=len(self.tokenizer), d_model=size, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=2 * size, decoder_ffn_dim=2 * size, max_position_embeddings=self.config.max_length,
-            pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id, decoder_start_token_id=pad, forced_eos_token_id=None,
-            dropout=0.1, attn_implementation="eager"))
+        return tiny_marian(len(self.tokenizer), self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.config.hidden_size,
+                           self.config.num_layers, self.config.max_length)
 
     def trainer(self, train: Dataset, output_dir: Path, seed: int) -> InfluenceSeq2SeqTrainer:
         args = _training_arguments(InfluenceSeq2SeqTrainingArguments, self.config, output_dir, seed)

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from transformers import BertConfig, BertForSequenceClassification, MarianConfig, MarianMTModel
 
 from hf_influence._utils.errors import InvalidInputError
-from hf_influence.cli.demo import build_tokenizer, fast_tokenizer
+from hf_influence.recipes.presets import build_tokenizer, fast_tokenizer
 from hf_influence.corpora import NLI_LABELS
 from hf_influence.recipes import data
 from hf_influence.recipes.runner import RecipeArguments, run_recipe

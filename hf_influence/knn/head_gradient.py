@@ -23,8 +23,8 @@ import math
 import torch
 from torch import nn
 
-from ._utils.errors import InvalidInputError
-from .data import Batch
+from .._utils.errors import InvalidInputError
+from ..data import Batch
 
 MAX_SIDE = 128  # a layer side (outputs, or inputs + bias) wider than this is projected down to it
 _PROJECTION_SEED = 20210  # fixed: training rows and queries must see the same maps, in any process
