@@ -57,14 +57,14 @@ def test_corrupt_or_foreign_shards_are_recomputed_and_never_merged(tmp_path):
     plan = ShardPlan.create(tmp_path, "self_influence", REQUEST, num_rows=10, shard_size=5)
     compute_shards(plan, squares, progress=False)
     path = shard_save_path(plan, 1)
+    shard_save_path(plan, 0).write_bytes(path.read_bytes())  # another partition's file
+    with pytest.raises(CorruptShardError, match="differs in shard, rows"):
+        merge_shards(plan)
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match="fails its checksum"):
-        merge_shards(plan)
-    shard_save_path(plan, 0).write_bytes(shard_save_path(plan, 1).read_bytes())  # another partition's file
-    with pytest.raises(CorruptShardError, match="differs in shard, rows"):
-        load_shard(plan, 0)
+        load_shard(plan, 1)
     save_shard(plan, 0, squares(range(0, 3)))  # metadata of partition 0, but 3 rows instead of 5
     with pytest.raises(CorruptShardError, match="its partition has 5"):
         load_shard(plan, 0)

@@ -3,6 +3,8 @@ so callers (the CLI among them) can catch every hf_influence error at once."""
 
 from __future__ import annotations
 
+import os
+
 
 class HfInfluenceError(Exception):
     """Base of every error hf_influence raises on purpose; its message says what to do."""
@@ -40,8 +42,21 @@ class StaleIndexError(IncompatibleBasisError):
     """A saved kNN index was built on another model, embedding or training set."""
 
 
-class CorruptShardError(HfInfluenceError, ValueError):
-    """A saved score shard is unreadable, fails its checksum, or belongs to another request."""
+class DamagedArtifactError(HfInfluenceError, ValueError):
+    """A file hf_influence wrote and reads back (basis, index, shard, s_test, request or config file) is cut short,
+    fails its checksum, or is not what its name says; the message names the file and the way out.
+
+    Attributes:
+        path (`Path`): the damaged file.
+    """
+
+    def __init__(self, message: str, path: os.PathLike | str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+class CorruptShardError(DamagedArtifactError):
+    """A saved score shard is unreadable, fails its checksum, or belongs to another request (it is recomputed)."""
 
 
 class TrainerMixinError(HfInfluenceError, TypeError):

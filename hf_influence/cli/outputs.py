@@ -8,7 +8,6 @@ with its settings and results; each subcommand replaces only its own section.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import Influence
-from .._utils.io import atomic_path
+from .._utils.io import read_json_artifact, write_json_artifact
 from ..outputs import library_versions
 
 RUN_CONFIG = "influence_config.json"
@@ -31,13 +30,23 @@ def model_description(inf: Influence, name_or_path: str) -> dict:
 def update_run_config(output_dir: str | os.PathLike, section: str, model: dict, settings: Sequence[Any], result: dict) -> Path:
     """Replace ``section`` of ``influence_config.json`` (settings = the command's argument dataclasses)."""
     path = Path(output_dir) / RUN_CONFIG
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    config = read_run_config(output_dir)
     config.update({"versions": library_versions(), "model": model})
     config[section] = {"settings": {k: v for args in settings for k, v in dataclasses.asdict(args).items()},
                        "model_fingerprint": model["fingerprint"], "result": result}
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(config, indent=2, default=str))
-    return path
+    return write_json_artifact(path, config)
+
+
+def read_run_config(output_dir: str | os.PathLike) -> dict:
+    """``output_dir/influence_config.json`` (``{}`` if absent). A damaged one is refused, never overwritten: the
+    `DamagedArtifactError` says to delete it (it only records earlier commands; the files beside it are kept).
+    The run wrapper calls this before any model is loaded."""
+    path = Path(output_dir) / RUN_CONFIG
+    if not path.is_file():
+        return {}
+    remedy = (f"Delete it (or move it aside) and rerun the command: it only records the settings and results of earlier "
+              f"commands in {path.parent}, and the basis, scores and shards beside it are kept.")
+    return read_json_artifact(path, "the run record of hf-influence", remedy)
 
 
 def noise_labels(raw: Any, column: str) -> np.ndarray | None:

@@ -19,7 +19,7 @@ from ..influence import Influence
 from ..jobs import is_main_process, start_processes, wait_for_everyone
 from .arguments import InfluenceArguments, ModelArguments
 from .loading import load_model
-from .outputs import model_description, update_run_config
+from .outputs import model_description, read_run_config, update_run_config
 
 
 class Session:
@@ -29,6 +29,7 @@ class Session:
         self.start = time.perf_counter()
         self.inf_args = inf_args
         check_writable_dir(inf_args.output_dir, "--output_dir")
+        read_run_config(inf_args.output_dir)  # a damaged run record is refused now, not after the work
         self.accelerator = start_processes()
         self.model, self.tokenizer = load_model(model_args)
         self.inf = Influence.from_config(self.model, pick(inf_args, InfluenceConfig), progress=progress and self.is_main)

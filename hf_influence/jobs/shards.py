@@ -4,7 +4,7 @@ Rows are cut into fixed partitions of ``shard_size`` rows (partition ``p`` holds
 ``[p·S, (p+1)·S)``), whatever the number of processes. Rank 0 lists the partitions that have no
 valid shard file yet (a file that fails its checksum is listed again) and broadcasts the list;
 rank ``r`` takes every ``world``-th entry. Each partition is saved as one safetensors file,
-atomically (tmp + rename), with the request hash and a checksum of its tensors in the metadata.
+atomically (tmp + rename), with the request hash in its metadata and a checksum of the whole file.
 Shards live in a folder named after the hash of everything the scores depend on, so results of
 different configurations never meet, and a rerun, with any number of processes, computes only
 what is missing. A run refuses to start beside an unfinished run of another configuration (a
@@ -25,8 +25,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .._utils.errors import CorruptShardError, IncompatibleBasisError, InvalidInputError, NonFiniteError, RunInterrupted
-from .._utils.io import atomic_path, check_writable_dir, load_tensors, save_tensors
+from .._utils.errors import CorruptShardError, DamagedArtifactError, IncompatibleBasisError, InvalidInputError, NonFiniteError, RunInterrupted
+from .._utils.io import (  # noqa: F401  (tensors_checksum: the basis identity in scoring requests)
+    check_writable_dir, damaged_artifact, read_json_artifact, read_tensors_artifact, save_tensors, tensors_checksum, write_json_artifact,
+)
 from .processes import StopRequests, broadcast_from_main, is_main_process, wait_for_everyone
 
 logger = logging.get_logger(__name__)
@@ -78,25 +80,15 @@ class ShardPlan:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_rows))
 
 
-def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over each tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def shard_save_path(plan: ShardPlan, shard: int) -> Path:
     return plan.folder / f"shard_{shard:05d}.safetensors"
 
 
 def save_shard(plan: ShardPlan, shard: int, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one partition's tensors (each ``[rows, ...]``) atomically, with request hash and checksum."""
+    """Write one partition's tensors (each ``[rows, ...]``) atomically, with its request hash (the file carries a checksum)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     metadata = {"kind": "influence_shard", "request_hash": plan.request_hash, "shard": shard,
-                "rows": [plan.rows(shard).start, plan.rows(shard).stop], "checksum": tensors_checksum(tensors)}
+                "rows": [plan.rows(shard).start, plan.rows(shard).stop]}
     save_tensors(shard_save_path(plan, shard), tensors, metadata)
 
 
@@ -104,16 +96,14 @@ def load_shard(plan: ShardPlan, shard: int) -> dict[str, torch.Tensor]:
     """One partition's tensors, verified; raises `CorruptShardError` naming what is wrong."""
     path = shard_save_path(plan, shard)
     try:
-        tensors, metadata = load_tensors(path)
-    except Exception as err:  # missing, truncated, not safetensors: every reader error means "recompute it"
-        raise CorruptShardError(f"{path} cannot be read ({type(err).__name__}: {err}).") from None
+        tensors, metadata = read_tensors_artifact(path, f"score shard {shard}", "Rerunning the same command recomputes it; the other shards are kept.")
+    except (DamagedArtifactError, FileNotFoundError) as err:
+        raise CorruptShardError(str(err), path=path) from None
     rows = plan.rows(shard)
     expected = {"request_hash": plan.request_hash, "shard": shard, "rows": [rows.start, rows.stop]}
     wrong = [k for k, v in expected.items() if metadata.get(k) != v]
     if wrong:
         raise CorruptShardError(f"{path} belongs to another request or partition (differs in {', '.join(wrong)}).")
-    if metadata.get("checksum") != tensors_checksum(tensors):
-        raise CorruptShardError(f"{path} fails its checksum: its contents changed after it was written.")
     lengths = {name: tensor.shape[0] if tensor.dim() else None for name, tensor in tensors.items()}
     if any(length != len(rows) for length in lengths.values()):
         raise CorruptShardError(f"{path} holds {lengths} rows per tensor, its partition has {len(rows)}.")
@@ -213,8 +203,7 @@ def _write_request(plan: ShardPlan) -> None:
     """``request.json`` beside the shards, written with the first one (a failed start leaves no folder)."""
     request_path = plan.folder / REQUEST_FILE
     if not request_path.is_file():
-        with atomic_path(request_path) as tmp:
-            tmp.write_text(json.dumps({**plan.request, "hash": plan.request_hash}, indent=2, sort_keys=True))
+        write_json_artifact(request_path, {**plan.request, "hash": plan.request_hash})
 
 
 def check_no_unfinished_run(plan: ShardPlan) -> None:
@@ -222,7 +211,7 @@ def check_no_unfinished_run(plan: ShardPlan) -> None:
     tells which settings differ): resuming with a changed setting would silently start over."""
     for request_path in sorted(plan.folder.parent.glob(f"{plan.request['kind']}-*/{REQUEST_FILE}")):
         folder = request_path.parent
-        saved = json.loads(request_path.read_text())
+        saved = read_request(request_path)
         num_shards = -(-saved["num_rows"] // saved["shard_size"])
         done = len(list(folder.glob("shard_*.safetensors")))
         if folder == plan.folder or done >= num_shards:
@@ -234,3 +223,13 @@ def check_no_unfinished_run(plan: ShardPlan) -> None:
             f"it, rerun with its settings (in {request_path}); to start this run instead, delete {folder} or use "
             "another output folder."
         )
+
+
+def read_request(request_path: Path) -> dict:
+    """A shard folder's ``request.json``, verified (the checksum of the file, and the request hash it records)."""
+    remedy = (f"Delete it and rerun the command: the shards in {request_path.parent} are kept (each carries its own checksum), "
+              f"and {REQUEST_FILE} is written again when that configuration runs next.")
+    saved = read_json_artifact(request_path, "the request of a sharded run", remedy, keys=("kind", "num_rows", "shard_size", "hash"))
+    if saved["hash"] != request_hash({k: v for k, v in saved.items() if k != "hash"}):
+        raise damaged_artifact(request_path, "the request of a sharded run", "its settings do not match the hash it records", remedy)
+    return saved

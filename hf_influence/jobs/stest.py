@@ -23,14 +23,17 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
-from .._utils.errors import IncompatibleBasisError, RunInterrupted
-from .._utils.io import atomic_path, check_writable_dir, load_tensors, save_tensors
+from .._utils.errors import DamagedArtifactError, IncompatibleBasisError, RunInterrupted
+from .._utils.io import check_writable_dir, damaged_artifact, read_json_artifact, read_tensors_artifact, save_tensors, write_json_artifact
 from ..data import dataset_fingerprint, dataset_of, select_rows
 from ..engine.ihvp.lissa import LissaConfig
 from ..influence import Influence, ResolvedLissa
 from .processes import StopRequests, is_main_process, wait_for_everyone
 from .shards import request_hash
+
+logger = logging.get_logger(__name__)
 
 STEST_DIR = "s_test"
 CONFIG_FILE = "stest_config.json"
@@ -45,8 +48,13 @@ def save_stest(output_dir: str | os.PathLike, index: int, vector: torch.Tensor, 
 
 
 def load_stest(output_dir: str | os.PathLike, index: int) -> tuple[torch.Tensor, dict]:
-    """The ``[P]`` s_test of test point ``index`` (``named_parameters()`` order) and its metadata."""
-    tensors, metadata = load_tensors(stest_save_path(output_dir, index))
+    """The ``[P]`` s_test of test point ``index`` (``named_parameters()`` order) and its metadata; a damaged file
+    raises `DamagedArtifactError`."""
+    path, what = stest_save_path(output_dir, index), f"the s_test vector of test point {index}"
+    remedy = "Delete it and rerun the same `hf-influence stest` command: only the missing test points are solved again."
+    tensors, metadata = read_tensors_artifact(path, what, remedy)
+    if "s_test" not in tensors:
+        raise damaged_artifact(path, what, "it lacks the tensor 's_test'", remedy)
     return tensors["s_test"], metadata
 
 
@@ -128,7 +136,7 @@ def _resolved_lissa(inf: Influence, hessian_data: Any, request: dict, lissa: str
     """The LiSSA settings of this folder: read back on a rerun (refused if the request changed), else resolved and saved."""
     path = Path(output_dir) / STEST_DIR / CONFIG_FILE
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = read_stest_config(output_dir)
         if saved["request"]["hash"] != request["hash"]:
             differing = sorted(k for k in request if k != "hash" and saved["request"].get(k) != request[k])
             raise IncompatibleBasisError(
@@ -139,9 +147,21 @@ def _resolved_lissa(inf: Influence, hessian_data: Any, request: dict, lissa: str
     resolved = inf.resolve_lissa(hessian_data, lissa)
     if is_main:
         spectrum = None if resolved.spectrum is None else dataclasses.asdict(resolved.spectrum)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps({"request": request, "lissa": dataclasses.asdict(resolved.config), "spectrum": spectrum}, indent=2))
+        write_json_artifact(path, {"request": request, "lissa": dataclasses.asdict(resolved.config), "spectrum": spectrum})
     return resolved
+
+
+def read_stest_config(output_dir: str | os.PathLike) -> dict:
+    """``output_dir/s_test/stest_config.json`` (``request``, ``lissa``, ``spectrum``); a damaged one raises
+    `DamagedArtifactError` with the way out."""
+    path = Path(output_dir) / STEST_DIR / CONFIG_FILE
+    what = "the LiSSA settings of an s_test folder"
+    remedy = (f"Delete it and rerun the same command: the LiSSA settings are resolved again from the same arguments, "
+              f"and the s_test files in {path.parent} are kept.")
+    saved = read_json_artifact(path, what, remedy, keys=("request", "lissa"))
+    if not isinstance(saved["request"], dict) or "hash" not in saved["request"] or not isinstance(saved["lissa"], dict):
+        raise damaged_artifact(path, what, "its 'request' or 'lissa' entry is malformed", remedy)
+    return saved
 
 
 def _unfinished_groups(output_dir: str | os.PathLike, row_hashes: list[str], size: int, request_hash: str) -> list[list[int]]:
@@ -155,7 +175,8 @@ def _is_saved(output_dir: str | os.PathLike, index: int, row_hash: str, request_
         return False
     try:
         _, metadata = load_stest(output_dir, index)
-    except Exception:  # truncated or corrupted: recompute it
+    except DamagedArtifactError as err:
+        logger.warning(f"{err} It will be recomputed now.")
         return False
     if metadata.get("request_hash") != request_hash or metadata.get("row_hash") != row_hash:
         raise IncompatibleBasisError(

@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .._utils.errors import InvalidInputError, StaleIndexError
 from .._utils.imports import require_faiss
-from .._utils.io import load_tensors, save_tensors
+from .._utils.io import damaged_artifact, read_tensors_artifact, save_tensors
 from ..data import check_in_order, dataset_fingerprint, dataset_of
 from ..params import select_parameters
 from .embeddings import EMBEDDINGS, Embedding, EmbedFn, compute_embeddings, resolve_embedding
@@ -259,9 +259,13 @@ def load_index(path: str | os.PathLike, embed_fn: Embedding | EmbedFn | None = N
     target = index_save_path(path)
     if not target.is_file():
         raise FileNotFoundError(f"No kNN index at {target}. Build one with hf_influence.knn.build_index(model, train_data).save(path).")
-    tensors, meta = load_tensors(target)
+    remedy = "Build it again, which overwrites it: hf_influence.knn.build_index(model, train_data).save(path)."
+    tensors, meta = read_tensors_artifact(target, "a kNN index", remedy)
     if meta.get("kind") != "knn_index":
         raise StaleIndexError(f"{target} holds a {meta.get('kind')!r}, not a kNN index.")
+    missing = [k for k in _SAVED_FIELDS if k not in meta] + [k for k in ("faiss_index",) if k not in tensors]
+    if missing:
+        raise damaged_artifact(target, "a kNN index", f"it lacks {', '.join(missing)}", remedy)
     name = meta["embedding"]
     strategy = None if embed_fn is None else resolve_embedding(None, embed_fn)
     if strategy is not None and strategy.name != name:
@@ -270,7 +274,11 @@ def load_index(path: str | os.PathLike, embed_fn: Embedding | EmbedFn | None = N
             "pass the function it was built with, or rebuild the index."
         )
     fields = {k: meta[k] for k in _SAVED_FIELDS}
-    return KnnIndex(faiss.deserialize_index(tensors["faiss_index"].numpy()), embed_fn=strategy or EMBEDDINGS.get(name), **fields)
+    try:
+        index = faiss.deserialize_index(tensors["faiss_index"].numpy())
+    except RuntimeError as err:  # an index saved before files carried a checksum, damaged since
+        raise damaged_artifact(target, "a kNN index", f"FAISS cannot read it ({str(err).splitlines()[0]})", remedy) from None
+    return KnnIndex(index, embed_fn=strategy or EMBEDDINGS.get(name), **fields)
 
 
 class IndexChecks:

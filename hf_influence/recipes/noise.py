@@ -7,7 +7,6 @@ the same corruption on any machine.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -16,7 +15,7 @@ from pathlib import Path
 from datasets import Dataset
 
 from .._utils.errors import InvalidInputError
-from .._utils.io import atomic_path
+from .._utils.io import damaged_artifact, read_json_artifact, write_json_artifact
 
 NOISY_COLUMN = "is_noisy"
 
@@ -42,14 +41,18 @@ class NoiseRecord:
     rows: list[int]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write as JSON (atomically)."""
-        with atomic_path(Path(path)) as tmp:
-            tmp.write_text(json.dumps(asdict(self), indent=1))
-        return Path(path)
+        """Write as JSON (atomically, with a checksum)."""
+        return write_json_artifact(path, asdict(self), indent=1)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NoiseRecord":
-        return cls(**json.loads(Path(path).read_text()))
+        """Read a record written by :meth:`save`; a damaged file raises `DamagedArtifactError`."""
+        remedy = "Rerun the recipe, which writes it again (the same seed gives the same noise)."
+        saved = read_json_artifact(path, "a noise record", remedy, keys=tuple(cls.__dataclass_fields__))
+        unknown = sorted(set(saved) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise damaged_artifact(path, "a noise record", f"it has unknown keys {unknown}", remedy)
+        return cls(**saved)
 
 
 def _choose_rows(dataset: Dataset, column: str, fraction: float, rng: random.Random, minimum: int = 1) -> list[int]:

@@ -11,7 +11,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
-from .._utils.errors import TrainerMixinError
+from .._utils.errors import DamagedArtifactError, TrainerMixinError
 from ..config import BasisConfig, InfluenceConfig, Method, ScoringConfig, sharded_method
 from ..data import select_rows
 from ..engine.ihvp.arnoldi import ArnoldiBasis, basis_exists, basis_save_path
@@ -237,11 +237,17 @@ class InfluenceTrainerMixin:
         return self.fit_influence()
 
     def _saved_basis_matches(self, root: Path) -> bool:
-        """The one reuse rule (`Influence.basis_mismatches`) with this trainer's rank and curvature."""
+        """The one reuse rule (`Influence.basis_mismatches`) with this trainer's rank and curvature (a damaged basis
+        is reported and fitted again, like a damaged shard)."""
         if not basis_exists(root):
             return False
+        try:
+            saved = ArnoldiBasis.load(root)
+        except DamagedArtifactError as err:
+            logger.warning(f"{err} The trainer fits it again now.")
+            return False
         requested = self.args.influence_config(BasisConfig)
-        return not self.get_influence().basis_mismatches(ArnoldiBasis.load(root), requested.rank, requested.curvature)
+        return not self.get_influence().basis_mismatches(saved, requested.rank, requested.curvature)
 
     def _log_shards(self, report: Any) -> None:
         self.log({"influence/shards_computed": float(len(report.computed)), "influence/shards_skipped": float(report.skipped)})

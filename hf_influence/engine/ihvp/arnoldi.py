@@ -15,7 +15,7 @@ import torch
 
 from ..._utils.adapters import adapter_names_in, describe_adapter_change
 from ..._utils.errors import IncompatibleBasisError, InvalidInputError
-from ..._utils.io import load_tensors, save_tensors
+from ..._utils.io import damaged_artifact, read_tensors_artifact, save_tensors
 from ...config import check_damping
 from .base import distill  # noqa: F401  (Ritz pairs: shared with the block solver)
 
@@ -123,8 +123,13 @@ def load_basis(path: str | os.PathLike) -> ArnoldiBasis:
     target = basis_save_path(path)
     if not target.is_file():
         raise FileNotFoundError(f"No Arnoldi basis at {target}. Fit one with Influence.fit_arnoldi(...).save(path).")
-    tensors, meta = load_tensors(target)
+    remedy = ("Fit it again, which overwrites it: `hf-influence fit` with the same --output_dir, or "
+              "Influence.fit_basis(...).save(path).")
+    tensors, meta = read_tensors_artifact(target, "an Arnoldi basis", remedy)
     if meta.get("kind") != "arnoldi_basis":
         raise IncompatibleBasisError(f"{target} holds a {meta.get('kind')!r}, not an Arnoldi basis.")
+    missing = [k for k in ("eigenvalues", "eigenvectors") if k not in tensors] + [k for k in _METADATA_KEYS[:-1] if k not in meta]
+    if missing:
+        raise damaged_artifact(target, "an Arnoldi basis", f"it lacks {', '.join(missing)}", remedy)
     fields = {k: meta[k] for k in _METADATA_KEYS if k in meta}  # bases saved before `curvature` existed are Hessian ones
     return ArnoldiBasis(tensors["eigenvalues"], tensors["eigenvectors"], **fields)
