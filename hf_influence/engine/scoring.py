@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .._utils.memory import ResidentGuard
 from ..data import Batch, to_device
 from .grads import check_finite
 from .ihvp.base import Preconditioner
@@ -24,8 +25,9 @@ def collect_features(
     feature_fn: FeatureFn, batches: Iterable[Batch], device: torch.device, desc: str, progress: bool = True
 ) -> torch.Tensor:
     """Features of every example, in order: ``[N, d]``."""
-    rows = []
+    rows, guard = [], ResidentGuard()
     for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+        guard.check()
         rows.append(check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"{desc}, batch {index}"))
     return torch.cat(rows)
 
@@ -38,8 +40,9 @@ def pairwise_scores(
     progress: bool = True,
 ) -> torch.Tensor:
     """``[n_test, n_train]`` = ``(A φ_test) φ_trainᵀ``, streaming over training batches."""
-    blocks = []
+    blocks, guard = [], ResidentGuard()
     for index, batch in enumerate(tqdm(train_batches, desc="scoring train", disable=not progress)):
+        guard.check()
         features = check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"train batch {index}")
         blocks.append(preconditioned_test @ features.T.to(preconditioned_test.dtype))
     return torch.cat(blocks, dim=1)
@@ -53,8 +56,9 @@ def self_scores(
     progress: bool = True,
 ) -> torch.Tensor:
     """``[N]`` self-influence ``φ(z)ᵀ A φ(z)``; ranks noisy / mislabelled training pairs."""
-    values = []
+    values, guard = [], ResidentGuard()
     for index, batch in enumerate(tqdm(batches, desc="self-influence", disable=not progress)):
+        guard.check()
         features = check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"batch {index}")
         values.append((precondition(features) * features).sum(dim=1))
     return torch.cat(values)
