@@ -77,6 +77,22 @@ def world(tmp_path_factory) -> World:
     return World(root, model, other_model, train)
 
 
+NLI_ROWS = "".join(f'{{"id": {i}, "premise": "a b c", "hypothesis": "b c", "label": {i % 3}}}\n' for i in range(4))
+
+
+def damaged_basis(world: World, name: str, damage: Callable[[bytes], bytes]) -> str:
+    """A copy of the basis fitted on this model (``classifier_basis``), damaged; the folder holding it."""
+    folder = world.root / name
+    folder.mkdir(exist_ok=True)
+    (folder / "arnoldi_basis.safetensors").write_bytes(damage((world.root / "classifier_basis" / "arnoldi_basis.safetensors").read_bytes()))
+    return str(folder)
+
+
+def overwrite_tensor_bytes(data: bytes) -> bytes:
+    """Four bytes of tensor data (near the end) overwritten: still a well-formed safetensors file."""
+    return data[:-16] + b"XXXX" + data[-12:]
+
+
 def cli(command: str, config: Path, out: Path, *extra: str) -> str:
     """Run ``hf-influence <command>``, expect it to refuse (exit code 1), and return what it printed."""
     printed = io.StringIO()
@@ -141,10 +157,35 @@ CASES = [
     ("missing_label_column",
      lambda w, out: cli("score", w.config(label_column="gold"), out, "--train_data",
                         w.data("no_labels", {"input_ids": [[5, 6]] * 4, "attention_mask": [[1, 1]] * 4})),
-     "has no column(s) ['labels']"),
+     "--label_column 'gold' names no column of this data; its columns are input_ids, attention_mask. Pass --label_column"),
+    ("unknown_label_column_on_raw_text",
+     lambda w, out: cli("score", w.config(train_data=w.file("nli.jsonl", NLI_ROWS), text_column="premise",
+                                          text_pair_column="hypothesis", label_column="gold"), out),
+     "nli.jsonl: --label_column 'gold' names no column of this data; its columns are id, premise, hypothesis, label. "
+     "Pass --label_column (YAML key label_column) with one of them."),
+    ("unknown_text_pair_column",
+     lambda w, out: cli("score", w.config(train_data=w.file("nli.jsonl", NLI_ROWS), text_column="premise"), out,
+                        "--text_pair_column", "hypotesis"),
+     "--text_pair_column 'hypotesis' names no column of this data; its columns are id, premise, hypothesis, label."),
     ("missing_text_column",
      lambda w, out: cli("score", w.config(train_data=w.data("raw_text", {"sentence": ["a b"] * 4, "label": [0] * 4})), out),
-     "column(s) ['text'] not found; it has ['sentence', 'labels']. Set --text_column"),
+     "--text_column 'text' names no column of this data; its columns are sentence, label."),
+    ("jsonl_cut_mid_line",
+     lambda w, out: cli("score", w.config(train_data=w.file("cut.jsonl", NLI_ROWS[:-30])), out),
+     "cut.jsonl cannot be read: line 4 does not parse as JSON (Unterminated string starting at; a cut or unfinished "
+     "line?). Fix or remove that line."),
+    ("csv_row_with_an_extra_field",
+     lambda w, out: cli("score", w.config(train_data=w.file("extra.csv", "text,label\na b,0\na, b,1\n")), out),
+     "extra.csv cannot be read: line 3 has 3 fields, the header has 2. Fix or remove that line."),
+    ("basis_cut_short",
+     lambda w, out: cli("score", w.config(method="arnoldi", basis_path=damaged_basis(w, "cut", lambda data: data[: len(data) // 2])), out),
+     "cut/arnoldi_basis.safetensors is damaged and cannot be read as an Arnoldi basis: it is cut short or not a safetensors "
+     "file (Error while deserializing header: invalid header length). Fit it again, which overwrites it: `hf-influence fit` "
+     "with the same --output_dir"),
+    ("basis_with_bytes_overwritten",
+     lambda w, out: cli("score", w.config(method="arnoldi", basis_path=damaged_basis(w, "overwritten", overwrite_tensor_bytes)), out),
+     "overwritten/arnoldi_basis.safetensors is damaged and cannot be read as an Arnoldi basis: it fails its checksum: its "
+     "contents changed after it was written. Fit it again"),
     ("params_regex_selects_nothing",
      lambda w, out: cli("score", w.config(last_n_layers=None, params=["decoder"]), out),
      "matches no trainable parameter"),
@@ -218,3 +259,31 @@ def test_shards_of_another_configuration_are_refused(world, tmp_path):
     assert "holds an unfinished self_influence run of another configuration" in message
     assert ": 1 of 4 shards saved), which differs from this run in: model_fingerprint, param_names" in message
     assert files_under(out) == before  # the unfinished run is untouched and nothing new appeared
+
+
+def test_a_damaged_run_record_is_refused_before_any_work_and_kept(world, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "influence_config.json").write_text("{not json")
+    message = cli("score", world.config(), out)
+    assert (f"{out}/influence_config.json is damaged and cannot be read as the run record of hf-influence: it is not valid "
+            "JSON (Expecting property name enclosed in double quotes at line 1, column 2). Delete it (or move it aside) and "
+            "rerun the command") in message
+    assert files_under(out) == ["influence_config.json"] and (out / "influence_config.json").read_text() == "{not json"
+
+
+def test_a_damaged_request_file_is_refused_and_the_shards_beside_it_are_kept(world, tmp_path):
+    out = tmp_path / "out"
+    assert main(["score", "--config", str(world.config()), "--output_dir", str(out), "--max_shards", "1"]) == 0
+    (request,) = out.rglob("request.json")
+    request.write_text("garbage")
+    before = {name: (out / name).read_bytes() for name in files_under(out)}
+    message = cli("score", world.config(), out)
+    assert (f"{request} is damaged and cannot be read as the request of a sharded run: it is not valid JSON (Expecting value "
+            f"at line 1, column 1). Delete it and rerun the command: the shards in {request.parent} are kept") in message
+    assert {name: (out / name).read_bytes() for name in files_under(out)} == before  # nothing deleted or rewritten
+    request.unlink()
+    shard = next(request.parent.glob("shard_*.safetensors"))
+    saved = shard.stat().st_mtime_ns
+    assert main(["score", "--config", str(world.config()), "--output_dir", str(out)]) == 0  # the way out works
+    assert shard.stat().st_mtime_ns == saved and request.is_file()  # the saved shard was reused, not recomputed

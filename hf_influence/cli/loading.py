@@ -10,6 +10,7 @@ from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
 from .._utils.errors import InvalidInputError
 from .arguments import DataArguments, ModelArguments
+from .datafiles import check_column_flags, locate_parse_error
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "decoder_input_ids", "decoder_attention_mask")
 _FILE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
@@ -60,6 +61,7 @@ def read_split(source: str, split: str, args: DataArguments, limit: int | None) 
 
 def prepare_split(dataset: Dataset, args: DataArguments, tokenizer: Any, source: str) -> Dataset:
     """The model-input columns of a split read by :func:`read_split`, tokenized if it holds raw text (row order kept)."""
+    check_column_flags(dataset.column_names, args, source)
     if args.label_column in dataset.column_names and args.label_column != "labels":
         dataset = dataset.rename_column(args.label_column, "labels")
     if "input_ids" not in dataset.column_names:
@@ -75,7 +77,8 @@ def _read(source: str, split: str, config: str | None) -> Dataset:
         if path.suffix not in _FILE_FORMATS:
             raise InvalidInputError(f"{source}: unsupported file type {path.suffix!r}; use one of {sorted(_FILE_FORMATS)}.")
         extra = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        return _unreadable_as_error(source, lambda: load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train", **extra))
+        return _unreadable_as_error(source, lambda: load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train", **extra),
+                                    path)
     elif path.exists() or source.startswith((".", "/")):
         raise InvalidInputError(f"{source}: not a save_to_disk folder nor a data file. Pass a folder written by "
                                 "Dataset.save_to_disk, or a csv/jsonl/parquet/txt file.")
@@ -91,11 +94,15 @@ def _read(source: str, split: str, config: str | None) -> Dataset:
     return loaded
 
 
-def _unreadable_as_error(source: str, read: Callable[[], Any]) -> Any:
-    """``read()``; whatever ``datasets`` raises for a file or folder it cannot read becomes one clear error."""
+def _unreadable_as_error(source: str, read: Callable[[], Any], file: Path | None = None) -> Any:
+    """``read()``; whatever ``datasets`` raises for a file or folder it cannot read becomes one clear error, naming
+    the line of a data ``file`` that fails to parse when there is one."""
     try:
         return read()
     except Exception as err:  # datasets raises many types (an empty file or save_to_disk folder among the causes)
+        where = None if file is None else locate_parse_error(file)
+        if where is not None:
+            raise InvalidInputError(f"{source} cannot be read: {where}. Fix or remove that line.") from None
         raise InvalidInputError(
             f"{source} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}). Check that it holds at least "
             "one example: influence needs one, and datasets cannot read an empty file or an empty save_to_disk folder."
@@ -103,13 +110,6 @@ def _unreadable_as_error(source: str, read: Callable[[], Any]) -> Any:
 
 
 def _tokenize(dataset: Dataset, args: DataArguments, tokenizer: Any, source: str) -> Dataset:
-    needed = [c for c in (args.text_column, args.text_pair_column, args.target_column) if c]
-    missing = [c for c in needed if c not in dataset.column_names]
-    if missing:
-        raise InvalidInputError(
-            f"{source}: column(s) {missing} not found; it has {dataset.column_names}. Set --text_column / "
-            "--text_pair_column / --target_column / --label_column to its column names."
-        )
     if tokenizer is None:
         raise InvalidInputError(f"{source} holds raw text but no tokenizer was found: pass --tokenizer_name_or_path.")
 
