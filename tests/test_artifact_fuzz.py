@@ -20,7 +20,7 @@ from hf_influence.cli.outputs import RUN_CONFIG, read_run_config, update_run_con
 from hf_influence.engine.ihvp.arnoldi import ArnoldiBasis, basis_save_path, load_basis
 from hf_influence.engine.ihvp.lissa import LissaConfig
 from hf_influence.jobs.shards import REQUEST_FILE, ShardPlan, _write_request, load_shard, read_request, save_shard, shard_save_path
-from hf_influence.jobs.stest import CONFIG_FILE, STEST_DIR, _unfinished_groups, load_stest, read_stest_config, save_stest, stest_save_path
+from hf_influence.jobs.stest import CONFIG_FILE, STEST_DIR, load_stest, read_stest_config, save_stest, stest_save_path
 from hf_influence._utils.io import write_json_artifact
 from hf_influence.recipes.noise import NoiseRecord
 
@@ -170,13 +170,3 @@ def test_every_flip_of_a_checksummed_json_key_name_is_caught(artifacts):
                 artifact.read()
     artifact.path.write_bytes(artifact.original)
 
-
-def test_a_damaged_s_test_file_is_solved_again_with_its_group_only(tmp_path):
-    rows = [f"{i:016x}" for i in range(6)]
-    for index, row in enumerate(rows):
-        save_stest(tmp_path, index, torch.full((3,), float(index)), {"request_hash": "r", "row_hash": row})
-    path = stest_save_path(tmp_path, 3)
-    path.write_bytes(path.read_bytes()[:-5])
-    assert _unfinished_groups(tmp_path, rows, 2, "r") == [[2, 3]]  # groups of 2: only the one holding point 3
-    with pytest.raises(DamagedArtifactError, match="s_test_0000003.safetensors is damaged .* Delete it and rerun the same"):
-        load_stest(tmp_path, 3)
