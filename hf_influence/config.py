@@ -161,7 +161,7 @@ def sharded_method(method: str | Method) -> Method:
     method = as_choice(Method, method, "method")
     if method not in SHARDED_METHODS:
         raise InvalidInputError(
-            f"Sharded scoring supports the methods {[m.value for m in SHARDED_METHODS]}, got {method.value!r}: exact, "
+            f"method must be one of {[m.value for m in SHARDED_METHODS]} for sharded scoring, got {method.value!r}: exact, "
             "LiSSA and random projection rebuild their preconditioner for every shard. Use Influence.scores(...) in "
             "Python for those, or `hf-influence stest` for LiSSA."
         )

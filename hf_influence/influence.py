@@ -18,7 +18,9 @@ from .data import RandomBatches, batch_size_of, check_in_order, dataset_of, make
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hvp import batch_hvp, dataset_hvp, explicit_hessian
 from .engine.prefix import PrefixReplay
-from .engine.ihvp.arnoldi import ArnoldiBasis, distill
+from .engine.ihvp.arnoldi import ArnoldiBasis
+from .engine.ihvp.block import as_algorithm, fit_eigenpairs
+from .engine.ihvp.fisher import fisher_eigenpairs, fisher_product
 from .engine.spectrum import Spectrum, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
 from .engine.ihvp.base import Preconditioner
 from .engine.ihvp.exact import ExactInverse
@@ -132,8 +134,20 @@ class Influence:
 
     # ----------------------------------------------------------------- public surface
     @_refuses_autocast
-    def fit_arnoldi(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations, seed: int | None = None) -> ArnoldiBasis:
-        """Fit the top-``rank`` Hessian eigenpairs with ``iterations`` Arnoldi steps (one HVP pass each)."""
+    def fit_arnoldi(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations, seed: int | None = None,
+                    algorithm: str = "arnoldi", data_parallel: bool = False) -> ArnoldiBasis:
+        """Fit the top-``rank`` eigenpairs (largest |λ|) of the Hessian of the mean loss over ``hessian_data`` from
+        about ``iterations`` Hessian-vector products (Schioppa et al. 2022); the Ritz residuals ``‖Hu - λu‖`` are logged.
+
+        Args:
+            algorithm (`str`, defaults to `"arnoldi"`): ``"arnoldi"`` (one HVP per pass over the Hessian data:
+                ``iterations`` passes in sequence) or ``"block"`` (block Krylov: ``b`` HVPs per pass, ``iterations / b``
+                passes; ``b`` is chosen from ``memory_budget_gb`` and logged).
+            data_parallel (`bool`, defaults to `False`): every process calls this with the same ``hessian_data``
+                (torch.distributed initialised); each takes every ``world_size``-th Hessian batch, the products are
+                summed over processes, and all return the same basis. With one process it is the plain fit.
+        """
+        algorithm = as_algorithm(algorithm)
         if not 1 <= rank <= iterations:
             raise InvalidInputError(f"Need 1 <= rank <= iterations, got rank={rank}, iterations={iterations}: raise iterations.")
         if rank > self.selection.num_params:
@@ -142,32 +156,37 @@ class Influence:
         batches = self._materialize(hessian_data)
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         params = self._params()
-        start = torch.randn(self.selection.num_params, generator=generator, dtype=torch.float64)
-        start = start.to(device=self._device(), dtype=accumulation_dtype(params))
+        like = torch.empty((), dtype=accumulation_dtype(params), device=self._device())
         with eval_mode(self.model):
-            hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget).hvp
-            krylov, hessenberg = krylov_iteration(hvp, start, iterations, self.progress, desc="Arnoldi")
-        eigenvalues, eigenvectors = distill(krylov, hessenberg, rank)
-        return self._basis(eigenvalues, eigenvectors, int(hessenberg.shape[1]), "hessian")
+            hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget, across_processes=data_parallel).hvp
+            pairs, products = fit_eigenpairs(hvp, self.selection.num_params, rank, iterations, algorithm, generator, like,
+                                             self.memory_budget, across_processes=data_parallel, progress=self.progress)
+        return self._basis(pairs.eigenvalues, pairs.eigenvectors, products, "hessian")
 
     def fit_basis(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations,
-                  curvature: str = BasisConfig.curvature) -> ArnoldiBasis:
-        """:meth:`fit_arnoldi` (``curvature="hessian"``) or :meth:`fit_fisher` (``"fisher"``; ``iterations`` unused);
-        the settings of `hf_influence.config.BasisConfig`, checked there."""
+                  curvature: str = BasisConfig.curvature, algorithm: str = "arnoldi", data_parallel: bool = False) -> ArnoldiBasis:
+        """:meth:`fit_arnoldi` (``curvature="hessian"``, with ``algorithm``) or :meth:`fit_fisher` (``"fisher"``;
+        ``iterations`` and ``algorithm`` unused); the settings of `hf_influence.config.BasisConfig`, checked there.
+        ``data_parallel=True``: every process calls this with the same data and gets the same basis."""
         config = BasisConfig(rank, iterations, curvature)
+        algorithm = as_algorithm(algorithm)
         if config.curvature == Curvature.FISHER:
-            return self.fit_fisher(hessian_data, rank=config.rank)
-        return self.fit_arnoldi(hessian_data, rank=config.rank, iterations=config.iterations)
+            return self.fit_fisher(hessian_data, rank=config.rank, data_parallel=data_parallel)
+        return self.fit_arnoldi(hessian_data, rank=config.rank, iterations=config.iterations, algorithm=algorithm, data_parallel=data_parallel)
 
     @_refuses_autocast
-    def fit_fisher(self, hessian_data: Any, rank: int = BasisConfig.rank) -> ArnoldiBasis:
+    def fit_fisher(self, hessian_data: Any, rank: int = BasisConfig.rank, data_parallel: bool = False) -> ArnoldiBasis:
         """Fit the top-``rank`` eigenpairs of the empirical Fisher ``F = mean_z g_z g_zᵀ`` over ``hessian_data``.
 
         ``F`` is the Gauss-Newton-type curvature that K-FAC / EK-FAC approximate: positive
         semi-definite, of rank at most the number of examples. Its eigenpairs are exact, from one pass
         of per-example gradients and an SVD, with no HVP passes, so the fit costs about as much as
         scoring the Hessian data once. The basis is used like :meth:`fit_arnoldi`'s (``method="arnoldi"``).
-        The per-example gradients are held at once: ``examples × P`` floats within ``memory_budget_gb``.
+        The per-example gradients are held at once when ``examples × P`` floats fit ``memory_budget_gb``; otherwise the
+        eigenpairs come from block Krylov on Fisher products ``F V``, one gradient pass per block, nothing held
+        (Krylov accuracy, residuals logged; ``iterations`` on the basis counts the products).
+        ``data_parallel=True``: every process calls this with the same data, computes the gradients of its share of
+        the batches, and gets the same basis as one process would.
         """
         if rank < 1 or rank > self.selection.num_params:
             raise InvalidInputError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
@@ -177,18 +196,21 @@ class Influence:
         if rank > count:
             raise InvalidInputError(f"rank={rank} exceeds the {count} Hessian examples, the largest rank the empirical Fisher "
                                     "can have: lower rank or pass more Hessian data.")
-        size = count * num * torch.finfo(accumulation_dtype(self._params())).bits // 8
-        if size > self.memory_budget:
-            raise InvalidInputError(
-                f"fit_fisher holds {count} × {num:,} per-example gradients ({size / 2**30:.2f} GiB), over memory_budget_gb="
-                f"{self.memory_budget / 2**30:g}: pass fewer Hessian examples, select fewer parameters, raise memory_budget_gb, "
-                "or use fit_arnoldi (HVP passes, no per-example gradients held)."
-            )
+        dtype = accumulation_dtype(self._params())
+        size = count * num * torch.finfo(dtype).bits // 8
         grad_fn = self._grad_fn(self.train_loss)
         with eval_mode(self.model):
-            rows = torch.cat([grad_fn(b) for b in tqdm(batches, desc="Fisher gradients", disable=not self.progress)])
-        _, singular, right = torch.linalg.svd(rows / count**0.5, full_matrices=False)
-        return self._basis(singular[:rank] ** 2, right[:rank].contiguous(), 0, "fisher")
+            if size <= self.memory_budget:
+                eigenvalues, eigenvectors = fisher_eigenpairs(grad_fn, batches, rank, data_parallel, self.progress)
+                return self._basis(eigenvalues, eigenvectors, 0, "fisher")
+            iterations = max(2 * rank, rank + 20)
+            logger.info(f"fit_fisher: {count} × {num:,} per-example gradients ({size / 2**30:.2f} GiB) exceed memory_budget_gb="
+                        f"{self.memory_budget / 2**30:g}; fitting by block Krylov on Fisher products instead ({iterations} products, "
+                        "each block one gradient pass, no gradients held).")
+            operator = functools.partial(fisher_product, grad_fn, batches, across_processes=data_parallel)
+            pairs, products = fit_eigenpairs(operator, num, rank, iterations, as_algorithm("block"), torch.Generator().manual_seed(self.seed),
+                                             torch.empty((), dtype=dtype, device=self._device()), self.memory_budget, data_parallel, self.progress)
+        return self._basis(pairs.eigenvalues, pairs.eigenvectors, products, "fisher")
 
     @_refuses_autocast
     def scores(
@@ -199,7 +221,7 @@ class Influence:
         basis: ArnoldiBasis | None = None,
         hessian_data: Any = None,
         lissa: str | LissaConfig = "auto",
-        rank: int = 20,
+        rank: int = BasisConfig.rank,
         knn: int | None = None,
         index: KnnIndex | None = None,
     ) -> torch.Tensor | KnnScores:
@@ -253,7 +275,7 @@ class Influence:
         basis: ArnoldiBasis | None = None,
         hessian_data: Any = None,
         lissa: str | LissaConfig = "auto",
-        rank: int = 20,
+        rank: int = BasisConfig.rank,
     ) -> torch.Tensor:
         """Self-influence ``g_zᵀ (H + λI)^-1 g_z`` of each training example: ``[N]``. High = likely noisy."""
         method = as_choice(Method, method, "method")
@@ -302,6 +324,7 @@ class Influence:
         iterations: int = 30,
         trace_estimator: str = "hutch++",
         trace_matvecs: int = 30,
+        data_parallel: bool = False,
     ) -> Spectrum:
         """Estimate ``λ_max`` (and with Lanczos ``λ_min``) and ``tr(H)`` from HVPs, with error bars.
 
@@ -310,7 +333,10 @@ class Influence:
                 spectrum, i.e. the damping that makes ``H + λI`` positive definite) or ``"power"``.
             iterations (`int`, defaults to `30`): Lanczos steps / maximum power iterations.
             trace_estimator (`str`, defaults to `"hutch++"`): ``"hutch++"`` or ``"hutchinson"``.
-            trace_matvecs (`int`, defaults to `30`): HVPs spent on the trace.
+            trace_matvecs (`int`, defaults to `30`): HVPs spent on the trace, in blocks (Hutch++: three blocks of a
+                third; Hutchinson: one block), each block one pass over the Hessian data.
+            data_parallel (`bool`, defaults to `False`): every process calls this with the same data; each takes its
+                share of the Hessian batches and the products are summed, so all get the same estimate.
             The estimate runs over the ``hessian_examples`` rows every Hessian pass uses.
         """
         if method not in ("lanczos", "power") or trace_estimator not in ("hutch++", "hutchinson"):
@@ -322,7 +348,7 @@ class Influence:
         generator = torch.Generator().manual_seed(self.seed)
         start = torch.randn(num, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
         with eval_mode(self.model):
-            hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget).hvp
+            hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget, across_processes=data_parallel).hvp
             if method == "lanczos":
                 _, hessenberg = krylov_iteration(hvp, start, iterations, self.progress, desc="Lanczos")
                 top, top_err, bottom, bottom_err = ritz_extremes(hessenberg)

@@ -12,6 +12,8 @@ from hf_influence.cli.arguments import InfluenceArguments
 from hf_influence.cli.fit import FitArguments
 from hf_influence.cli.score import ScoringArguments
 from hf_influence.config import BasisConfig, InfluenceConfig, ScoringConfig, pick
+from hf_influence.recipes.runner import RecipeArguments
+from hf_influence.recipes.tasks import influence_settings
 from tests import utils
 
 RANK = 6
@@ -33,14 +35,32 @@ def trainer_configs(settings: dict, tmp_path) -> tuple:
     return tuple(args.influence_config(config) for config in (InfluenceConfig, BasisConfig, ScoringConfig))
 
 
+RECIPE_LACKS = ("projection", "memory_budget_gb", "curvature")  # settings a recipe YAML does not expose
+
+
+def recipe_configs(settings: dict, tmp_path) -> tuple:
+    """The recipe's keys (its own names for three of them) through its one map, back into the config classes."""
+    renamed = {"batch_size": "influence_batch_size", "method": "filter_method"}
+    given = {renamed.get(k, k): v for k, v in settings.items() if k != "rank"}
+    recipe = RecipeArguments(**given, ranks=[settings.get("rank", BasisConfig.rank)], output_dir=str(tmp_path))
+    trainer_args = hfi.InfluenceTrainingArguments(output_dir=str(tmp_path), **influence_settings(recipe))
+    return tuple(trainer_args.influence_config(config) for config in (InfluenceConfig, BasisConfig, ScoringConfig))
+
+
+def python_configs(model, settings: dict) -> tuple:
+    return (hfi.Influence(model, progress=False, **{k: v for k, v in settings.items() if k in SETTINGS}).config,
+            BasisConfig(**{k: v for k, v in settings.items() if k in BASIS}),
+            ScoringConfig(**{k: v for k, v in settings.items() if k in SCORING}))
+
+
 @pytest.mark.parametrize("settings", [{}, {**SETTINGS, **BASIS, **SCORING}], ids=["defaults", "given"])
-def test_python_trainer_and_cli_build_identical_settings(settings, tmp_path):
+def test_python_trainer_cli_and_recipes_build_identical_settings(settings, tmp_path):
     model = utils.tiny_bert()
-    python = (hfi.Influence(model, progress=False, **{k: v for k, v in settings.items() if k in SETTINGS}).config,
-              BasisConfig(**{k: v for k, v in settings.items() if k in BASIS}),
-              ScoringConfig(**{k: v for k, v in settings.items() if k in SCORING}))
+    python = python_configs(model, settings)
     assert cli_configs(settings) == python
     assert trainer_configs(settings, tmp_path) == python
+    for_recipes = {k: v for k, v in settings.items() if k not in RECIPE_LACKS}
+    assert recipe_configs(for_recipes, tmp_path) == python_configs(model, for_recipes)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -132,14 +132,14 @@ def test_sigint_stops_stest_after_the_group_in_progress(config, monkeypatch, cap
     settings = {key: value for key, value in yaml.safe_load(config.read_text()).items() if key not in ("method", "shard_size", "plots")}
     stest.write_text(yaml.safe_dump({**settings, "test_data": settings["train_data"], "max_test_examples": 3, "points_per_solve": 1,
                                      "lissa": "manual", "scale": 10.0, "steps": 5, "lissa_batch_size": 4}))
-    solve = hfi.Influence.s_test
+    solve = hfi.Influence.solve_s_test
 
     def interrupted_solve(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first group is solved
-        monkeypatch.setattr(hfi.Influence, "s_test", solve)
+        monkeypatch.setattr(hfi.Influence, "solve_s_test", solve)
         return solve(self, *args, **kwargs)
 
-    monkeypatch.setattr(hfi.Influence, "s_test", interrupted_solve)
+    monkeypatch.setattr(hfi.Influence, "solve_s_test", interrupted_solve)
     assert main(["stest", "--config", str(stest), "--output_dir", str(out)]) == 1
     assert "error: Stopped by SIGINT after 1 of 3 group(s) of test points" in capsys.readouterr().err
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("s_test/s_test_*.safetensors")}

@@ -27,13 +27,14 @@ from datasets import Dataset
 
 from .._utils.errors import InvalidInputError
 from .._utils.io import atomic_path
+from ..config import BasisConfig, InfluenceConfig, ScoringConfig
 from ..engine.ihvp.lissa import choose_lissa_config
 from ..metrics import noisy_mask
 from ..outputs import ROW_INDEX, library_versions, save_dataset
 from .cards import dataset_card, model_card
 from .data import hub_id, load_nli, load_translation
 from .noise import NOISY_COLUMN, NoiseRecord
-from .tasks import RECIPE_TASKS, load_metric
+from .tasks import RECIPE_TASKS, influence_settings, load_metric
 
 BASELINES = ("random", "loss", "tracin", "randproj", "fisher", "lissa")
 LISSA_MAX_REPEATS = 2
@@ -66,15 +67,16 @@ class RecipeArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW peak learning rate (warm-up over the first tenth of the steps, then linear decay)."})
     batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
     retrain_seeds: int = field(default=1, metadata={"help": "Runs averaged for each quality figure (clean, noisy, filtered)."})
-    last_n_layers: int | None = field(default=None, metadata={"help": "Influence over the last k layers + head, no embeddings (default 1)."})
+    last_n_layers: int | None = field(default=None, metadata={"help": "Influence over the last k layers + head, no embeddings."})
     params: list[str] | None = field(default=None, metadata={"help": "Influence over the parameters matching these regexes instead "
                                                                      "(e.g. classifier pooler: the head alone)."})
-    damping: float = field(default=1e-3, metadata={"help": "Additive damping λ."})
+    damping: float = field(default=InfluenceConfig.damping, metadata={"help": "Additive damping λ."})
     ranks: list[int] = field(default_factory=lambda: [10, 20, 50], metadata={"help": "Arnoldi p̄ values compared (one basis, truncated)."})
-    iterations: int = field(default=80, metadata={"help": "Arnoldi iterations (>= the largest p̄)."})
-    hessian_examples: int = field(default=512, metadata={"help": "Training rows whose mean loss defines the Hessian."})
-    influence_batch_size: int = field(default=32, metadata={"help": "Examples per batch when scoring."})
-    shard_size: int = field(default=1024, metadata={"help": "Rows per saved score shard (resumable)."})
+    iterations: int = field(default=BasisConfig.iterations, metadata={"help": "Arnoldi iterations (>= the largest p̄)."})
+    hessian_examples: int | None = field(default=InfluenceConfig.hessian_examples, metadata={
+        "help": "The Hessian is that of the mean loss over a seeded random subset of this many training rows."})
+    influence_batch_size: int = field(default=InfluenceConfig.batch_size, metadata={"help": "Examples per batch when scoring."})
+    shard_size: int = field(default=ScoringConfig.shard_size, metadata={"help": "Rows per saved score shard (resumable)."})
     baselines: list[str] = field(default_factory=lambda: list(BASELINES), metadata={"help": f"Rankings beside Arnoldi: {', '.join(BASELINES)}."})
     lissa_subset: int = field(default=256, metadata={"help": "LiSSA self-influence costs one solve per row: scored on this many rows."})
     output_dir: str = field(default="recipe_output", metadata={"help": "Where results, cards and the filtered set go."})
@@ -99,10 +101,7 @@ class RecipeArguments:
             raise InvalidInputError(f"ranks must be >= 1 and <= iterations ({self.iterations}), got {self.ranks}.")
         if self.overlap_hint and self.task != "nli":
             raise InvalidInputError("overlap_hint is an NLI setting (premise / hypothesis words); drop it for translation.")
-        if self.params is not None and self.last_n_layers is not None:
-            raise InvalidInputError("Set params or last_n_layers, not both.")
-        if self.params is None and self.last_n_layers is None:
-            self.last_n_layers = 1
+        influence_settings(self)  # every influence rule, checked once, in hf_influence.config
         if self.retrain_seeds < 1 or self.epochs < 1:
             raise InvalidInputError("retrain_seeds and epochs must be >= 1.")
 

@@ -6,6 +6,7 @@ training text, or start from ``model_name_or_path`` when the user has a checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import (
     PrinterCallback,
 )
 
+from ..config import BasisConfig, InfluenceConfig, ScoringConfig
 from ..corpora import NLI_LABELS
 from ..tasks import Seq2SeqTask
 from ..trainer import InfluenceSeq2SeqTrainer, InfluenceSeq2SeqTrainingArguments, InfluenceTrainer, InfluenceTrainingArguments
@@ -40,16 +42,24 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     return evaluate.load(str(METRICS_DIR / name))
 
 
+def influence_settings(args: Any) -> dict[str, Any]:
+    """The recipe's influence settings as the Trainer's ``influence_*`` fields: the one map from recipe keys to
+    `InfluenceConfig` / `BasisConfig` / `ScoringConfig` (built here, so their checks run before any data is read)."""
+    configs = (
+        InfluenceConfig(params=args.params, last_n_layers=args.last_n_layers, damping=args.damping, batch_size=args.influence_batch_size,
+                        seed=args.seed, hessian_examples=args.hessian_examples),
+        BasisConfig(rank=max(args.ranks), iterations=args.iterations),
+        ScoringConfig(method=args.filter_method, shard_size=args.shard_size),
+    )
+    return {f"influence_{k}": v for config in configs for k, v in dataclasses.asdict(config).items()}
+
+
 def _training_arguments(cls, config: Any, output_dir: Path, seed: int, **extra: Any):
     return cls(
         output_dir=str(output_dir), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_steps=0.1, lr_scheduler_type="linear",
         weight_decay=0.01, seed=seed, use_cpu=config.use_cpu or not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_strategy="no",
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, influence_last_n_layers=config.last_n_layers,
-        influence_params=config.params,
-        influence_damping=config.damping, influence_rank=max(config.ranks), influence_iterations=config.iterations,
-        influence_hessian_examples=config.hessian_examples, influence_batch_size=config.influence_batch_size,
-        influence_shard_size=config.shard_size, influence_seed=config.seed, **extra,
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, **influence_settings(config), **extra,
     )
 
 

@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
         pytest.skip("../shared/data/sick is absent")
     out = tmp_path_factory.mktemp("recipe")
     args = RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), max_train=160, max_test=60, epochs=1, hidden_size=32, overlap_hint=True,
-                           ranks=[3, 6], iterations=12, hessian_examples=48, baselines=["random", "loss", "tracin"],
+                           ranks=[3, 6], iterations=12, hessian_examples=48, last_n_layers=1, baselines=["random", "loss", "tracin"],
                            output_dir=str(out / "run"), card_dir=str(out / "cards"), run_name="tiny-sick")
     return run_recipe(args), out
 
@@ -75,7 +75,7 @@ def test_detection_figures_are_recomputable_from_the_record(tiny_run):
     (["--noise_fraction", "0"], "noise_fraction must be in"),
     (["--ranks", "90", "--iterations", "80"], "ranks must be"),
     (["--baselines", "kfac"], "Unknown baselines"),
-    (["--params", "classifier", "--last_n_layers", "1"], "Set params or last_n_layers"),
+    (["--params", "classifier", "--last_n_layers", "1"], "params and last_n_layers are both set"),
     (["--task", "translation", "--overlap_hint", "true"], "overlap_hint is an NLI setting"),
 ])
 def test_bad_settings_stop_before_any_work(options, message, capsys):

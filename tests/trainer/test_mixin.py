@@ -134,7 +134,7 @@ def test_arguments_are_prefixed_defaulted_documented_and_checked():
     (args,) = HfArgumentParser(hfi.InfluenceTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "x", "--influence_rank", "5", "--influence_params", "classifier", "pooler", "--report_to", "none"])
     assert (args.influence_rank, args.influence_params) == (5, ["classifier", "pooler"])
-    with pytest.raises(InvalidInputError, match="influence_rank <= influence_iterations"):
+    with pytest.raises(InvalidInputError, match="influence_rank must be <= iterations"):
         hfi.InfluenceTrainingArguments(output_dir="x", influence_rank=50, influence_iterations=20, report_to="none")
     with pytest.raises(InvalidInputError, match="influence_method must be one of"):
         hfi.InfluenceSeq2SeqTrainingArguments(output_dir="x", influence_method="lissa", report_to="none")
