@@ -3,6 +3,7 @@
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.ihvp.lissa import LissaConfig
 from .influence import Influence, Method
+from .lds import LdsResult, lds, lds_subsets
 from .metrics import knn_recall
 from .tasks import CausalLMTask, Seq2SeqTask, SequenceClassificationTask, Task
 from .trainer import (
@@ -22,11 +23,14 @@ __all__ = [
     "InfluenceTrainer",
     "InfluenceTrainerMixin",
     "InfluenceTrainingArguments",
+    "LdsResult",
     "LissaConfig",
     "Method",
     "Seq2SeqTask",
     "SequenceClassificationTask",
     "Task",
     "knn_recall",
+    "lds",
+    "lds_subsets",
 ]
 __version__ = "0.1.0"
