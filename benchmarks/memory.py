@@ -5,8 +5,8 @@
 
 Each measurement runs in its own child process: a tiny BERT from config (hidden 64, 2 layers, vocab
 2,000, all parameters, eager attention), ``rows`` random rows of 8-64 tokens read through the padding
-``DataLoader`` (batch 32), a basis fitted on 128 rows (Arnoldi rank 20 / Fisher rank 20; random
-projection rank 20 fits its subspace Hessian on 128 rows inside the scored call). After a warm-up
+``DataLoader`` (batch 32), a basis fitted on 32 rows (Arnoldi rank 20 with 24 iterations / Fisher
+rank 20; random projection rank 20 fits its subspace Hessian on 32 rows inside the scored call). After a warm-up
 call on 64 rows, the child records ``ru_maxrss``, runs ``Influence.self_influence`` over all rows
 and records ``ru_maxrss`` again: the *rise* is the growth of peak resident memory during scoring.
 
@@ -50,11 +50,11 @@ def child(method: str, rows: int, seed: int = 0) -> dict:
     ids = [torch.randint(5, vocab, (n,), generator=generator).tolist() for n in lengths]
     data = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * n for n in lengths],
                               "labels": [row[0] % 3 for row in ids]})
-    fit_rows = data.select(range(min(128, rows)))
+    fit_rows = data.select(range(min(32, rows)))
     inf = hfi.Influence(model, batch_size=32, progress=False)
     kwargs: dict = {}
     if method == "arnoldi":
-        kwargs = {"method": "arnoldi", "basis": inf.fit_arnoldi(fit_rows, rank=20, iterations=40)}
+        kwargs = {"method": "arnoldi", "basis": inf.fit_arnoldi(fit_rows, rank=20, iterations=24)}
     elif method == "fisher":
         kwargs = {"method": "arnoldi", "basis": inf.fit_fisher(fit_rows, rank=20)}
     elif method == "randproj":
