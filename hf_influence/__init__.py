@@ -3,6 +3,7 @@
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.ihvp.lissa import LissaConfig
 from .influence import Influence, Method
+from .index import InfluenceIndex
 from .lds import LdsResult, lds, lds_subsets
 from .metrics import knn_recall
 from .tasks import CausalLMTask, Seq2SeqTask, SequenceClassificationTask, Task
@@ -18,6 +19,7 @@ __all__ = [
     "ArnoldiBasis",
     "CausalLMTask",
     "Influence",
+    "InfluenceIndex",
     "InfluenceSeq2SeqTrainer",
     "InfluenceSeq2SeqTrainingArguments",
     "InfluenceTrainer",

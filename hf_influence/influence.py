@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from .inputs import check_examples, input_limits
 from .knn import IndexChecks, KnnIndex, KnnScores, build_index, check_num_neighbors, find_candidates, score_candidates
 from .params import select_parameters
 from .tasks import Task, infer_task
+
+if TYPE_CHECKING:
+    from .index import InfluenceIndex, TopInfluences
 
 logger = logging.get_logger(__name__)
 
@@ -266,6 +269,28 @@ class Influence:
             return build_index(self.model, train_data, batch_size=self.batch_size, pad_token_id=self._pad_id(), progress=self.progress)
         self._index_checks.verify(index, self.model, train_data)
         return index
+
+    @_refuses_autocast
+    def build_index(self, train_data: Any, method: str | Method = Method.ARNOLDI, basis: ArnoldiBasis | None = None,
+                    **options: Any) -> "InfluenceIndex | None":
+        """Every training row's features for ``method`` (``"arnoldi"``, ``"randproj"``, or ``"tracin"`` on a projected
+        gradient), stored once for exact top-k :meth:`query` calls; ``options`` (``hessian_data``, ``rank``, ``dtype``,
+        ``output_dir``: resumable shards, ``shard_size``, ``accelerator``, ``max_shards``) as in
+        `hf_influence.index.build_index`. ``None`` when ``max_shards`` stopped a sharded build (rerun to finish)."""
+        from .index import build_index  # the index layer sits above the facade (it uses the sharded jobs)
+
+        return build_index(self, train_data, method, basis, progress=self.progress, **options).index
+
+    @_refuses_autocast
+    def query(self, index: "InfluenceIndex", test_data: Any, k: int = 10, direction: str = "helpful", approximate: bool = False,
+              train_data: Any = None) -> "TopInfluences":
+        """The ``k`` top training rows of each test row from ``index``: ``.scores``, ``.indices`` ``[n_test, k]``, exactly the
+        top-k of :meth:`scores` for the index's method at this ``damping`` (``direction``: ``"helpful"``, ``"harmful"``
+        or ``"abs"``). Refused for another model or selection (and another ``train_data``, when given); see
+        `hf_influence.index.query_index` (``approximate=True``: HNSW on large indexes)."""
+        from .index import query_index
+
+        return query_index(self, index, test_data, k, direction, approximate, train_data)
 
     @_refuses_autocast
     def self_influence(
