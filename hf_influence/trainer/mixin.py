@@ -12,10 +12,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import logging
 
 from .._utils.errors import DamagedArtifactError, TrainerMixinError
-from ..config import BasisConfig, InfluenceConfig, Method, ScoringConfig, sharded_method
+from ..config import BasisConfig, InfluenceConfig, Method, ScoringConfig, as_choice, sharded_method
 from ..data import select_rows
 from ..engine.ihvp.arnoldi import ArnoldiBasis, basis_exists, basis_save_path
 from ..engine.ihvp.lissa import LissaConfig
+from ..index import InfluenceIndex, TopInfluences, build_index
 from ..influence import Influence
 from ..jobs import StestRun, broadcast_from_main, is_main_process, sharded_s_test, sharded_scores, sharded_self_influence, wait_for_everyone
 from ..knn import KnnScores
@@ -45,7 +46,7 @@ class InfluenceTrainerMixin:
     """Adds influence functions to a `transformers.Trainer`: put it first in the bases.
 
     ``class MyTrainer(InfluenceTrainerMixin, Trainer)`` gains :meth:`fit_influence`,
-    :meth:`self_influence`, :meth:`influence` and :meth:`filter_noisy` (and, for the methods it does
+    :meth:`self_influence`, :meth:`influence`, :meth:`build_influence_index` and :meth:`filter_noisy` (and, for the methods it does
     not wrap, :meth:`get_influence`, :meth:`get_influence_dataloader` and
     :meth:`get_hessian_dataset`); nothing of ``Trainer`` is overridden, so training, evaluation and saving are inherited unchanged. The methods reuse
     the trainer's model (scored in eval mode), data collator, ``Accelerator`` and ``output_dir``,
@@ -114,7 +115,8 @@ class InfluenceTrainerMixin:
         self.log({"influence/self_influence_mean": float(result.scores.mean()), "influence/self_influence_max": float(result.scores.max())})
         return result.scores
 
-    def influence(self, test_dataset: Any, train_dataset: Any = None, knn: int | None = None, method: str | None = None) -> torch.Tensor | KnnScores:
+    def influence(self, test_dataset: Any, train_dataset: Any = None, knn: int | None = None, method: str | None = None,
+                  index: InfluenceIndex | None = None, k: int = 10, direction: str = "helpful") -> torch.Tensor | KnnScores | TopInfluences:
         """Influence of each training row on each test row, ``g_testᵀ (H + λI)^-1 g_train``.
 
         Args:
@@ -122,11 +124,18 @@ class InfluenceTrainerMixin:
             train_dataset (`datasets.Dataset`, *optional*): defaults to ``self.train_dataset``.
             knn (`int`, *optional*): score only each test row's ``knn`` nearest training rows (FastIF).
             method (`str`, *optional*): ``"arnoldi"`` or ``"tracin"``; defaults to ``influence_method``.
+            index (`InfluenceIndex`, *optional*): answer from a stored index (:meth:`build_influence_index`) instead:
+                the exact top ``k`` training rows per test row in ``direction`` (``"helpful"``, ``"harmful"``, ``"abs"``).
 
         Returns:
             `torch.Tensor` of shape `[n_test, n_train]` (positive = the training row helps the test
-            row), or with ``knn`` a `KnnScores` with ``scores`` and ``indices`` of shape ``[n_test, knn]``.
+            row), with ``knn`` a `KnnScores` with ``scores`` and ``indices`` of shape ``[n_test, knn]``, with ``index`` a
+            `TopInfluences` with ``scores`` and ``indices`` of shape ``[n_test, k]``.
         """
+        if index is not None:
+            if knn is not None or method is not None:
+                raise TrainerMixinError("index= answers from the stored features of the index's method: drop knn= and method=.")
+            return self.get_influence().query(index, self.get_influence_dataloader(test_dataset), k, direction)
         settings = self._influence_settings().influence_config(ScoringConfig)
         train_dataset = self._dataset_or_train(train_dataset, "influence")
         method = sharded_method(method or settings.method)
@@ -137,6 +146,29 @@ class InfluenceTrainerMixin:
         )
         self._log_shards(result.report)
         return result.scores
+
+    def build_influence_index(self, dataset: Any = None, method: str | None = None, dtype: str = "float32") -> InfluenceIndex | None:
+        """Store every row's features once (see `hf_influence.index`) for exact top-k :meth:`influence` queries (``index=``).
+
+        Shards under ``output_dir/<influence_dir>/index`` (shared by the processes; a rerun resumes).
+
+        Args:
+            dataset (`datasets.Dataset`, *optional*): defaults to ``self.train_dataset``; rows stored in order.
+            method (`str`, *optional*): ``"arnoldi"`` (the saved basis, or :meth:`fit_influence`), ``"randproj"`` or
+                ``"tracin"`` (on an ``influence_rank``-dimensional random projection of the gradient); defaults to ``influence_method``.
+            dtype (`str`, defaults to `"float32"`): ``"float32"`` or ``"float16"`` storage.
+        """
+        settings = self._influence_settings()
+        scoring = settings.influence_config(ScoringConfig)
+        dataset = self._dataset_or_train(dataset, "build_influence_index")
+        method = as_choice(Method, method or scoring.method, "method")
+        build = build_index(
+            self.get_influence(), self.get_influence_dataloader(dataset), method, self._influence_basis(method),
+            rank=settings.influence_config(BasisConfig).rank, dtype=dtype, output_dir=self._influence_root() / "index",
+            shard_size=scoring.shard_size, accelerator=self.accelerator, progress=not self.args.disable_tqdm,
+        )
+        self._log_shards(build.report)
+        return build.index
 
     def s_test(self, test_dataset: Any, hessian_dataset: Any = None, lissa: str | LissaConfig = "auto",
                points_per_solve: int = 8) -> torch.Tensor:
