@@ -61,6 +61,20 @@ def _filter():
     return (ModelArguments, DataArguments, InfluenceArguments, ScoringArguments, FilterArguments), run_filter
 
 
+def _index():
+    from .arguments import DataArguments, InfluenceArguments, ModelArguments
+    from .index import IndexArguments, run_index
+
+    return (ModelArguments, DataArguments, InfluenceArguments, IndexArguments), run_index
+
+
+def _query():
+    from .arguments import DataArguments, InfluenceArguments, ModelArguments
+    from .query import QueryArguments, run_query
+
+    return (ModelArguments, DataArguments, InfluenceArguments, QueryArguments), run_query
+
+
 def _recipe():
     from ..recipes.runner import RecipeArguments, run_recipe
 
@@ -76,6 +90,9 @@ COMMANDS = {
     "stest": Command("s_test = (H + λI)^-1 ∇L(test) by LiSSA (auto settings, FastIF or Koh & Liang presets), one "
                      "safetensors file per test point, resumable.", _stest),
     "filter": Command("Drop the most self-influential training rows (likely mislabelled); save the rest with a dataset card.", _filter),
+    "index": Command("Store every training row's influence features once (Arnoldi, randproj, projected TracIn); sharded, "
+                     "resumable; for exact top-k `query` runs.", _index),
+    "query": Command("Top-k most influential training rows of each test row from an index, exact, with their text, to parquet.", _query),
     "recipe": Command("Noisy-pair filtering recipe (NLI or translation): inject noise, rank by self-influence and baselines, "
                       "filter, retrain, evaluate, write cards.", _recipe),
 }
