@@ -1,4 +1,16 @@
-"""Hessian-vector products of the mean loss (double backward), and the explicit Hessian."""
+"""Hessian-vector products of the mean loss (double backward), and the explicit Hessian.
+
+A block of k vectors costs one forward and one graph-keeping backward, then one batched backward
+of ``g · v`` for all k columns at once (``is_grads_batched``: vmap over the tangents). On CPU, for a
+tiny BERT's head (4k parameters) a block of 16 costs 3.3x less than 16 columns one at a time (the
+per-call overhead dominates); for its last layer (38k) the two cost the same, and both share the
+forward and first backward among the columns. Models whose ops have no batching rule fall back to
+one backward per column, with a warning.
+
+With ``across_processes=True`` each process passes its share of the Hessian batches and
+:func:`dataset_hvp` sums the products and example counts over processes (``_utils/comm.py``), so every
+process gets the Hessian of the mean loss over all batches.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +19,22 @@ from typing import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from .._utils import comm
 from ..data import Batch, batch_size_of
 from .grads import LossFunction, Params, accumulation_dtype, check_finite
+
+logger = logging.get_logger(__name__)
 
 
 def batch_hvp(loss_fn: LossFunction, params: Params, batch: Batch, vectors: torch.Tensor, where: str = "a minibatch") -> torch.Tensor:
     """``H_B V`` for the Hessian ``H_B`` of the batch's mean loss; ``vectors`` is ``[P, k]`` → ``[P, k]``.
 
-    One forward and backward that keeps its graph, then one backward of ``g · v`` per column
-    (reverse-over-reverse: on CPU 1.7× faster than ``jvp`` of ``grad`` for one vector, 2.1× for 20).
-    Parameters outside the selection record no graph. fp32 or wider. ``where`` names the batch in
-    the error raised on NaN/Inf.
+    One forward and backward that keeps its graph, then the k columns in one batched backward
+    (reverse-over-reverse: on CPU 1.7× faster than ``jvp`` of ``grad`` for one vector). Parameters
+    outside the selection record no graph. fp32 or wider. ``where`` names the batch in the error
+    raised on NaN/Inf.
     """
     dtype = next(iter(params.values())).dtype
     leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in params.items()}
@@ -26,14 +42,29 @@ def batch_hvp(loss_fn: LossFunction, params: Params, batch: Batch, vectors: torc
         loss = loss_fn.mean(leaves, batch)
         grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
         linked = [(g, name) for g, name in zip(grads, leaves) if g is not None and g.requires_grad]
-        columns = []
-        for column in range(vectors.shape[1]):
-            tangent = loss_fn.selection.unflatten(vectors[:, column].to(dtype))
-            parts = torch.autograd.grad([g for g, _ in linked], list(leaves.values()), [tangent[name] for _, name in linked],
-                                        retain_graph=column + 1 < vectors.shape[1], allow_unused=True) if linked else [None] * len(leaves)
-            columns.append(loss_fn.selection.flatten({n: torch.zeros_like(t) if p is None else p for (n, t), p in zip(leaves.items(), parts)}))
-    result = torch.stack(columns, dim=1).to(accumulation_dtype(params))  # [P, k]
+        tangents = loss_fn.selection.unflatten(vectors.T.to(dtype))  # name -> [k, *shape]
+        parts = _second_backward(linked, leaves, tangents, vectors.shape[1])
+    rows = loss_fn.selection.flatten({n: torch.zeros((vectors.shape[1], *t.shape), dtype=t.dtype, device=t.device) if p is None else p
+                                      for (n, t), p in zip(leaves.items(), parts)}, batch_dims=1)  # [k, P]
+    result = rows.T.to(accumulation_dtype(params))  # [P, k]
     return check_finite(result, "a Hessian-vector product", f"{where}, {batch_size_of(batch)} examples")
+
+
+def _second_backward(linked: list, leaves: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor], k: int) -> list:
+    """``∂(g · v)/∂θ`` for each of the k tangents: per leaf ``[k, *shape]`` (``None`` where unused)."""
+    if not linked:
+        return [None] * len(leaves)
+    outputs, inputs = [g for g, _ in linked], list(leaves.values())
+    if k > 1:
+        try:
+            return torch.autograd.grad(outputs, inputs, [tangents[name] for _, name in linked], retain_graph=True,
+                                       allow_unused=True, is_grads_batched=True)
+        except RuntimeError as error:  # an op without a batching rule: one backward per column instead
+            logger.warning_once(f"Batched Hessian-vector products are not available for this model ({error}); "
+                                "running one backward per vector.")
+    columns = [torch.autograd.grad(outputs, inputs, [tangents[name][column] for _, name in linked], retain_graph=column + 1 < k,
+                                   allow_unused=True) for column in range(k)]
+    return [None if parts[0] is None else torch.stack(parts) for parts in zip(*columns)]
 
 
 @contextlib.contextmanager
@@ -52,15 +83,22 @@ def _only_selection_records(loss_fn: LossFunction) -> Iterator[None]:
 
 
 def dataset_hvp(
-    loss_fn: LossFunction, params: Params, batches: Iterable[Batch], vectors: torch.Tensor
+    loss_fn: LossFunction, params: Params, batches: Iterable[Batch], vectors: torch.Tensor, across_processes: bool = False
 ) -> torch.Tensor:
-    """``H V`` for the Hessian of the mean loss over all examples in ``batches``: ``[P, k]``."""
-    total, count = None, 0
+    """``H V`` for the Hessian of the mean loss over all examples in ``batches``: ``[P, k]``.
+
+    With ``across_processes=True``, ``batches`` is this process's share: products and example counts
+    are summed over processes (every process must call), so each gets the mean over every share.
+    """
+    total = torch.zeros(vectors.shape, dtype=accumulation_dtype(params), device=vectors.device)
+    count = 0
     for index, batch in enumerate(batches):
         size = batch_size_of(batch)
-        part = batch_hvp(loss_fn, params, batch, vectors, where=f"Hessian data batch {index}") * size
-        total = part if total is None else total + part
+        total += batch_hvp(loss_fn, params, batch, vectors, where=f"Hessian data batch {index}") * size
         count += size
+    if across_processes:  # one all-reduce for the products and the count
+        packed = comm.all_reduce_sum(torch.cat([total.flatten(), total.new_tensor([count])]))
+        total, count = packed[:-1].view_as(total), round(packed[-1].item())
     return total / count
 
 

@@ -12,6 +12,10 @@ embeddings feeding layer 0, ...) are replayed as shape-only stand-ins that hold 
 The replay is checked before use: the HVP of one batch with and without it must agree (twice, so an
 in-place change of a kept output shows) and replaying must not raise; if not, or if the kept outputs
 would exceed the memory budget, every pass runs the whole model as before.
+
+Data-parallel (``across_processes=True``): each process keeps and replays only its share of the
+batches (every ``world_size``-th), and the products are summed over processes (see
+:func:`hvp.dataset_hvp`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
-from ..data import Batch
+from .._utils import comm
+from ..data import Batch, batch_size_of
 from .grads import LossFunction, Params
 from .hvp import batch_hvp, dataset_hvp
 
@@ -160,9 +165,16 @@ class PrefixReplay:
         params (`Params`): the selected parameters.
         batches (`list[Batch]`): the Hessian data, already on the model's device.
         memory_budget (`float`): bytes the kept outputs may take; above it, no replay.
+        across_processes (`bool`, defaults to `False`): every process holds the same ``batches`` and
+            calls :meth:`hvp` in step; each works on its share and the products are summed.
     """
 
-    def __init__(self, loss_fn: LossFunction, params: Params, batches: list[Batch], memory_budget: float):
+    def __init__(self, loss_fn: LossFunction, params: Params, batches: list[Batch], memory_budget: float,
+                 across_processes: bool = False):
+        self.across_processes = across_processes
+        if across_processes:
+            comm.check_same_everywhere([batch_size_of(b) for b in batches], "Hessian data (examples per batch)")
+            batches = comm.local_share(batches)
         self.loss_fn, self.params, self.batches = loss_fn, params, batches
         found = prefix_modules(loss_fn, params, batches[0]) if batches else []
         self.modules = [p.module for p in found]
@@ -181,11 +193,13 @@ class PrefixReplay:
         return bool(self.outputs)
 
     def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``H V`` over all batches (see :func:`dataset_hvp`), replaying the prefix when active."""
+        """``H V`` ``[P, k]`` over all batches (see :func:`dataset_hvp`), replaying the prefix when active.
+
+        A block of k columns shares each batch's forward and first backward (see :func:`batch_hvp`)."""
         if not self.active:
-            return dataset_hvp(self.loss_fn, self.params, self.batches, vectors)
+            return dataset_hvp(self.loss_fn, self.params, self.batches, vectors, self.across_processes)
         with self._replaying():
-            return dataset_hvp(self.loss_fn, self.params, self._batches_in_replay(), vectors)
+            return dataset_hvp(self.loss_fn, self.params, self._batches_in_replay(), vectors, self.across_processes)
 
     def _batches_in_replay(self) -> Iterator[Batch]:
         for batch, outputs in zip(self.batches, self.outputs):

@@ -2,7 +2,10 @@
 eigenvalues, Hutchinson and Hutch++ (Meyer et al. 2021) for the trace, each with an error bar
 and its cost in HVPs.
 
-``hvp(V)`` maps ``[P, k] -> [P, k]`` (k columns cost k HVPs).
+``hvp(V)`` maps ``[P, k] -> [P, k]``: k HVPs in one pass over the Hessian data (``hvp.batch_hvp``
+shares each batch's forward and first backward among the columns). The trace estimators apply
+their probes as blocks (Hutchinson: one block; Hutch++: three), so they cost one or three passes;
+Lanczos and power iteration need each product before the next, one vector per pass.
 """
 
 from __future__ import annotations
