@@ -1,5 +1,9 @@
 """`hf-influence index` + `hf-influence query`: a stopped build resumes, and the parquet holds the full scan's top-k with the rows joined."""
 
+import os
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import torch
@@ -42,3 +46,19 @@ def test_index_then_query_round_trip(trained_bert, bert_on_disk, fitted, tmp_pat
     store = hfi.InfluenceIndex.load(tmp_path / "influence_index")
     with pytest.raises(StaleIndexError, match="training data"):
         inf.query(store, test, k=K, train_data=train.select(range(47)))
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_same_index_and_any_count_resumes(bert_on_disk, fitted, tmp_path):
+    """2 processes (torchrun) stop after 2 shards; 1 process finishes: the features equal a 1-process build, bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    index = ["index", "--config", str(bert_on_disk / "score.yaml")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_influence.cli.main",
+               *index, "--output_dir", str(tmp_path / "mixed"), "--max_shards", "2"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "processes         2" in result.stdout, result.stderr[-3000:]
+    assert len(list((tmp_path / "mixed" / "influence_index").glob("index_features-*/shard_*.safetensors"))) == 2
+    assert main([*index, "--output_dir", str(tmp_path / "mixed")]) == 0
+    assert main([*index, "--output_dir", str(tmp_path / "one")]) == 0
+    mixed, one = (hfi.InfluenceIndex.load(tmp_path / name / "influence_index") for name in ("mixed", "one"))
+    assert torch.equal(mixed.features, one.features) and torch.equal(mixed.directions, one.directions)
