@@ -102,12 +102,10 @@ def build_index(
         features = compute(range(len(dataset_of(train_data))))["features"]
         return IndexBuild(None, InfluenceIndex(features, directions.cpu(), _curvature(inf, method, basis, directions, train_data, hessian_data), request))
     plan = features_plan(output_dir, request, len(dataset_of(train_data)), shard_size)
-    if is_main_process(accelerator):
-        _retire_other_manifest(Path(output_dir), plan.request_hash)
     report = compute_shards(plan, compute, accelerator, max_shards, progress)
     if not report.complete:
         return IndexBuild(report, None)
-    if is_main_process(accelerator) and not InfluenceIndex.exists(output_dir):
+    if is_main_process(accelerator) and _manifest_hash(Path(output_dir)) != plan.request_hash:
         save_manifest(output_dir, plan, directions.cpu(), _curvature(inf, method, basis, directions, train_data, hessian_data))
     wait_for_everyone(accelerator)
     return IndexBuild(report, load_index(output_dir))
@@ -157,15 +155,10 @@ def _curvature(inf: Any, method: Method, basis: ArnoldiBasis | None, directions:
     return (directions @ h_q).cpu()  # QᵀHQ [p̄, p̄]
 
 
-def _retire_other_manifest(folder: Path, request_hash: str) -> None:
-    """A manifest of another request in ``folder`` stops marking the folder complete while this build runs."""
-    manifest = folder / INDEX_FILE
-    if manifest.is_file():
-        try:
-            saved = read_json_artifact(manifest, "an influence index manifest", "", keys=("request_hash",))["request_hash"]
-        except DamagedArtifactError:  # a damaged manifest is replaced like a foreign one
-            saved = None
-        if saved != request_hash:
-            logger.warning(f"{folder} holds an influence index of another request; building a new one in its place.")
-            manifest.unlink()
+def _manifest_hash(folder: Path) -> str | None:
+    """The request hash of the index completed in ``folder`` (``None``: none, or a damaged manifest, which is replaced)."""
+    try:
+        return read_json_artifact(folder / INDEX_FILE, "an influence index manifest", "", keys=("request_hash",))["request_hash"]
+    except (FileNotFoundError, DamagedArtifactError):
+        return None
 

@@ -16,11 +16,13 @@ by `hf_influence.jobs.compute_shards`, so a half-built index resumes with any pr
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from .._utils.errors import CorruptShardError, DamagedArtifactError, InvalidInputError, StaleIndexError
 from .._utils.io import damaged_artifact, read_json_artifact, read_tensors_artifact, save_tensors, write_json_artifact
@@ -28,6 +30,8 @@ from ..config import Method, ScoringConfig
 from ..data import dataset_fingerprint
 from ..engine.scoring import DiagonalInverse, SubspaceInverse
 from ..jobs.shards import ShardPlan, compute_shards, merge_shards
+
+logger = logging.get_logger(__name__)
 
 INDEX_FILE = "influence_index.json"
 QUERY_FILE = "query_side.safetensors"
@@ -140,12 +144,17 @@ def features_plan(path: str | os.PathLike, request: dict, num_rows: int, shard_s
 
 
 def save_manifest(path: str | os.PathLike, plan: ShardPlan, directions: torch.Tensor, curvature: torch.Tensor) -> Path:
-    """Write the query side, then the manifest that marks the index complete (every shard must be saved)."""
+    """Write the query side, then the manifest that marks the index complete (every shard must be saved); the
+    features of an earlier index in ``path`` are removed."""
     folder = Path(path)
     save_tensors(folder / QUERY_FILE, {"directions": directions, "curvature": curvature},
                  {"kind": "influence_index_query", "request_hash": plan.request_hash})
     write_json_artifact(folder / INDEX_FILE, {"kind": "influence_index", "request": plan.request, "request_hash": plan.request_hash,
                                               "features_folder": plan.folder.name})
+    for other in folder.glob(f"{FEATURES_KIND}-*"):  # the features of an index this one replaced
+        if other != plan.folder and other.is_dir():
+            logger.warning(f"Removing {other}: the features of the influence index this one replaced.")
+            shutil.rmtree(other)
     return folder
 
 

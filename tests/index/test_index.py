@@ -115,6 +115,8 @@ def test_save_load_round_trip_and_resume(setup, tmp_path):
     assert torch.equal(inf.query(loaded, test, k=K).indices, inf.query(fresh, test, k=K).indices)
     fresh.save(tmp_path / "saved", shard_size=10)
     assert torch.equal(InfluenceIndex.load(tmp_path / "saved").features, fresh.features)
+    build_index(inf, train, method="tracin", rank=RANK, output_dir=folder, shard_size=16, progress=False)  # replaces it
+    assert InfluenceIndex.load(folder).method.value == "tracin" and len(list(folder.glob("index_features-*"))) == 1
 
 
 def test_stale_or_foreign_index_is_refused(setup, tmp_path):
