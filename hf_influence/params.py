@@ -14,8 +14,12 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
+from ._utils.adapters import adapter_parameter_filter, adapter_signature, is_peft_model
 from ._utils.errors import ParameterSelectionError
+
+logger = logging.get_logger(__name__)
 
 _LAYER_STACK = re.compile(r"(^|\.)(layer|layers|h|block|blocks)$")
 
@@ -52,8 +56,10 @@ class ParamSelection:
         return {n: p.reshape(*lead, *s) for n, p, s in zip(self.names, pieces, self.shapes)}
 
     def fingerprint(self, model: nn.Module) -> str:
-        """SHA-256 over the selected names, shapes, dtypes and values, plus the model class."""
+        """SHA-256 over the selected names, shapes, dtypes and values, plus the model class; for a PEFT
+        model also the base model class and the active adapters' configs (rank, alpha, targets)."""
         digest = hashlib.sha256(type(model).__name__.encode())
+        digest.update(adapter_signature(model).encode())
         for name, tensor in self.tensors(model).items():
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(tensor.float().cpu().contiguous().numpy().tobytes())
@@ -69,6 +75,11 @@ def select_parameters(
 ) -> ParamSelection:
     """Select parameters by regexes (``re.search`` on the name), by layer depth, or all trainable.
 
+    On a PEFT model the trainable parameters are its active adapter's (LoRA A/B, and the head where
+    PEFT keeps it trainable through ``modules_to_save``). An adapter loaded for inference
+    (``PeftModel.from_pretrained(...)`` without ``is_trainable=True``) has none trainable: then the
+    active adapter's own parameters take their place, so the selection is the same either way.
+
     Args:
         model (`nn.Module`): the model.
         params (`list[str]`, *optional*): name regexes; a parameter is kept if any matches.
@@ -79,9 +90,7 @@ def select_parameters(
     """
     if params is not None and last_n_layers is not None:
         raise ParameterSelectionError("Pass either params=[regexes] or last_n_layers=k, not both.")
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ParameterSelectionError("The model has no trainable parameters (all requires_grad=False).")
+    trainable = _candidates(model)
     if last_n_layers is not None:
         keep = _last_layers_filter(model, last_n_layers)
     elif params is not None:
@@ -97,6 +106,22 @@ def select_parameters(
             f"parameter. Names look like: {sample}, ... Fix the regexes (matched with re.search)."
         )
     return ParamSelection(tuple(n for n, _ in chosen), tuple(tuple(p.shape) for _, p in chosen))
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters; on a PEFT model with none trainable, its active adapter's parameters."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable and is_peft_model(model):
+        in_adapter = adapter_parameter_filter(model)
+        trainable = [(n, p) for n, p in model.named_parameters() if in_adapter(n)]
+        logger.info(f"The PEFT model has no trainable parameter (an adapter loaded for inference): selecting from "
+                    f"its active adapter's {len(trainable)} tensors.")
+    if not trainable:
+        raise ParameterSelectionError(
+            "The model has no trainable parameters (all requires_grad=False): unfreeze the ones to take influence "
+            "over (parameter.requires_grad_(True))."
+        )
+    return trainable
 
 
 def _compile_patterns(patterns: list[str]) -> list[re.Pattern]:

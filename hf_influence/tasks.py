@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._utils.adapters import unwrap_peft
 from ._utils.errors import TaskInferenceError
 
 MaskKind = Literal["bidirectional", "causal"]
@@ -121,17 +122,23 @@ def attention_kind(model: nn.Module) -> MaskKind:
 
 
 def infer_task(model: nn.Module) -> Task:
-    """Pick the built-in task for ``model`` from its class and config."""
-    name = type(model).__name__
-    config = getattr(model, "config", None)
+    """Pick the built-in task for ``model`` from its class and config.
+
+    A PEFT model (``get_peft_model(...)``, ``PeftModel.from_pretrained(...)``) is judged by the model it
+    adapts (``get_base_model()``); the task then runs the PEFT model itself, adapters included.
+    """
+    base = unwrap_peft(model)
+    name = type(base).__name__
+    config = getattr(base, "config", None)
     if name.endswith("ForSequenceClassification"):
-        return SequenceClassificationTask(attention_kind(model))
-    if getattr(config, "is_encoder_decoder", False) and hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return SequenceClassificationTask(attention_kind(base))
+    if getattr(config, "is_encoder_decoder", False) and hasattr(base, "prepare_decoder_input_ids_from_labels"):
         return Seq2SeqTask()
     if name.endswith(("ForCausalLM", "LMHeadModel")):
         return CausalLMTask()
+    wrapper = f" (wrapped by {type(model).__name__})" if base is not model else ""
     raise TaskInferenceError(
-        f"Cannot infer a task for model class {name!r}: built-in tasks cover *ForSequenceClassification, "
+        f"Cannot infer a task for model class {name!r}{wrapper}: built-in tasks cover *ForSequenceClassification, "
         "encoder-decoder models (Marian, T5, BART) and *ForCausalLM / *LMHeadModel. Pass "
         "task=<object with per_example_loss(model, batch) -> Tensor[B]> to hfi.Influence."
     )
