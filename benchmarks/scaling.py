@@ -1,6 +1,7 @@
-"""Scoring throughput of ``hf-influence score`` (Arnoldi self-influence) with 2 processes vs 1, side by side.
+"""Scoring throughput of ``hf-influence score`` (Arnoldi self-influence), and the eigenbasis fit, with 2 processes vs 1.
 
     python benchmarks/scaling.py [--rows 4096] [--hidden 128] [--layers 2] [--seq-len 64] [--rounds 3] [--compare-threads]
+                                 [--parts score,fit] [--fit-examples 256] [--fit-algorithm block]
 
 Builds a BERT from config and a random training set on disk, fits one Arnoldi basis, then runs the
 real command line under ``torchrun`` in alternating rounds, each into a fresh output folder:
@@ -15,6 +16,10 @@ Throughput is rows / ``scoring_seconds`` from ``influence_config.json``: the sha
 planning to merged result, including the barrier and the merge, excluding process start-up, model
 loading and file writing (reported apart). Medians over rounds; the machine's load average is
 printed before and after, since other jobs share its cores.
+
+The fit row times ``Influence.fit_arnoldi(..., data_parallel=True)`` on ``--fit-examples`` rows under
+torchrun in the same setups (each process takes every other Hessian batch; products are summed over
+processes): seconds from the call to the returned basis, process start-up and model loading excluded.
 """
 
 from __future__ import annotations
@@ -72,6 +77,38 @@ def score_once(args, root: Path, processes: int, threads: int, out: Path) -> dic
     return figures
 
 
+def fit_once(args, root: Path, processes: int, threads: int) -> dict:
+    """One data-parallel fit under torchrun; rank 0's figures."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), __file__,
+               "--fit-worker", str(root), "--fit-examples", str(args.fit_examples), "--batch-size", str(args.batch_size),
+               "--rank", str(args.rank), "--fit-algorithm", args.fit_algorithm]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def fit_worker(args) -> None:
+    """Inside torchrun: the timed fit on every process; rank 0 prints its seconds and eigenvalues as JSON."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    root = Path(args.fit_worker)
+    model = BertForSequenceClassification.from_pretrained(root / "model").eval()
+    data = Dataset.load_from_disk(str(root / "train")).select(range(args.fit_examples))
+    inf = hfi.Influence(model, batch_size=args.batch_size, progress=False)
+    start = time.perf_counter()
+    basis = inf.fit_arnoldi(data, rank=args.rank, iterations=2 * args.rank, algorithm=args.fit_algorithm, data_parallel=True)
+    seconds = time.perf_counter() - start
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"fit_seconds": seconds, "eigenvalues": basis.eigenvalues[:5].tolist()}), flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=4096)
@@ -84,19 +121,46 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compare-threads", action="store_true", help="also run 1 process with 2 threads")
+    parser.add_argument("--parts", default="score,fit", help="comma-separated: score (sharded scoring), fit (data-parallel fit)")
+    parser.add_argument("--fit-examples", type=int, default=256, help="Hessian rows of the timed fit")
+    parser.add_argument("--fit-algorithm", default="block", choices=["arnoldi", "block"])
+    parser.add_argument("--fit-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fit_worker:
+        return fit_worker(args)
+    parts = set(args.parts.split(","))
     setups = {**SETUPS, **(THREADS_SETUP if args.compare_threads else {})}
     print(f"load average before: {os.getloadavg()}  ({os.cpu_count()} CPUs)")
     runs: dict[str, list[dict]] = {name: [] for name in setups}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         build(args, root)
+        fits: dict[str, list[dict]] = {name: [] for name in setups}
         for round_ in range(args.rounds):
             for name, (processes, threads) in setups.items():
-                runs[name].append(score_once(args, root, processes, threads, root / f"out-{round_}-{processes}-{threads}"))
-                print(f"round {round_ + 1}: {name}: {runs[name][-1]['scoring_seconds']:.2f}s scoring", flush=True)
+                if "score" in parts:
+                    runs[name].append(score_once(args, root, processes, threads, root / f"out-{round_}-{processes}-{threads}"))
+                    print(f"round {round_ + 1}: {name}: {runs[name][-1]['scoring_seconds']:.2f}s scoring", flush=True)
+                if "fit" in parts:
+                    fits[name].append(fit_once(args, root, processes, threads))
+                    print(f"round {round_ + 1}: {name}: {fits[name][-1]['fit_seconds']:.2f}s fit", flush=True)
     print(f"load average after: {os.getloadavg()}")
-    report(runs, args)
+    if "score" in parts:
+        report(runs, args)
+    if "fit" in parts:
+        report_fit(fits, args)
+
+
+def report_fit(fits: dict[str, list[dict]], args) -> None:
+    base = statistics.median(r["fit_seconds"] for r in fits["1 process x 1 thread"])
+    reference = torch.tensor(fits["1 process x 1 thread"][0]["eigenvalues"])
+    print(f"\nfit_arnoldi(algorithm={args.fit_algorithm!r}, data_parallel=True): rank {args.rank}, {2 * args.rank} HVPs over "
+          f"{args.fit_examples} rows (batch {args.batch_size}), all parameters; medians of {args.rounds} rounds")
+    print("| setup | fit s | speed-up | top-5 eigenvalues vs 1 process (max rel. diff) |\n|---|---:|---:|---:|")
+    for name, results in fits.items():
+        seconds = statistics.median(r["fit_seconds"] for r in results)
+        diff = max(float(((torch.tensor(r["eigenvalues"]) - reference).abs() / reference.abs()).max()) for r in results)
+        print(f"| {name} | {seconds:.2f} | {base / seconds:.2f} | {diff:.1e} |")
 
 
 def report(runs: dict[str, list[dict]], args) -> None:

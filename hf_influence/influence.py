@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ._utils.errors import IncompatibleBasisError, InvalidInputError, TaskInferenceError

@@ -48,7 +48,14 @@ def distill(basis: torch.Tensor, hessenberg: torch.Tensor, rank: int) -> RitzPai
     residuals = (hessenberg[m:].double() @ eigenvectors[:, order]).norm(dim=0)  # [rank]
     vectors = eigenvectors[:, order].T.to(basis.dtype) @ basis[:m]  # [rank, P]
     vectors = vectors / vectors.norm(dim=1, keepdim=True)
-    return RitzPairs(eigenvalues[order].to(basis.dtype), vectors, residuals)
+    return RitzPairs(eigenvalues[order].to(basis.dtype), fix_signs(vectors), residuals)
+
+
+def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row ``[k, P]`` times the sign of its largest-magnitude entry: an eigenvector's sign is arbitrary,
+    this makes a basis reproducible (e.g. across process counts, where round-off may flip it)."""
+    signs = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)).sign()  # [k, 1]
+    return (vectors * signs).contiguous()
 
 
 def log_residuals(eigenvalues: torch.Tensor, residuals: torch.Tensor, solver: str) -> None:

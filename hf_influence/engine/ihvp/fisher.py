@@ -6,8 +6,8 @@ gradient pass and an SVD, no HVP passes. ``F`` is positive semi-definite, of ran
 
 Data-parallel (``across_processes=True``): each process computes the gradients of its share of the
 batches (every ``world_size``-th), the rows are gathered and put back in batch order, so every process
-decomposes the very ``G`` one process would; eigenvector signs are fixed (largest entry positive),
-so the basis does not depend on the process count.
+decomposes the very ``G`` one process would; eigenvector signs are fixed (``base.fix_signs``), so
+the basis does not depend on the process count.
 
 When ``G`` does not fit in memory, :func:`fisher_product` applies ``F`` to a block of vectors in one
 gradient pass without holding it (``F V = Σ_z g_z (g_zᵀ V) / n``), for a Krylov solver to use.
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..._utils import comm
 from ..._utils.errors import InvalidInputError
 from ...data import Batch, batch_size_of
+from .base import fix_signs
 
 GradFn = Callable[[Batch], torch.Tensor]  # batch -> per-example gradients [B, P]
 
@@ -33,9 +34,7 @@ def fisher_eigenpairs(grad_fn: GradFn, batches: Sequence[Batch], rank: int, acro
     >= 0) and orthonormal eigenvectors ``[rank, P]``. Every process must call when ``across_processes``."""
     rows = fisher_rows(grad_fn, batches, across_processes, progress)  # [n, P]
     _, singular, right = torch.linalg.svd(rows / rows.shape[0] ** 0.5, full_matrices=False)
-    vectors = right[:rank]
-    signs = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)).sign()  # [rank, 1]
-    return singular[:rank] ** 2, (vectors * signs).contiguous()
+    return singular[:rank] ** 2, fix_signs(right[:rank])
 
 
 def fisher_rows(grad_fn: GradFn, batches: Sequence[Batch], across_processes: bool = False, progress: bool = True) -> torch.Tensor:
