@@ -90,7 +90,10 @@ class HeadGradientEmbedding(Embedding):
     def embed(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return embed_head_gradient(model, batch)
 
-    def queries(self, model, selection, preconditioned, directions):
+    def queries(
+        self, model: nn.Module, selection: ParamSelection, preconditioned: torch.Tensor, directions: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The head block of ``(H + λI)^-1 g_test``; ``None`` (with a warning) when the selection leaves the head out."""
         names = head_parameter_names(model)
         if not set(names) <= set(selection.names):
             logger.warning_once(f"The parameter selection leaves out the head ({', '.join(names)}): the head_gradient "

@@ -39,8 +39,6 @@ def model_fingerprint(model: nn.Module) -> str:
     return select_parameters(model).fingerprint(model)
 
 
-
-# ----------------------------------------------------------------------------- the index
 @dataclass
 class KnnIndex:
     """A FAISS index over training-set embeddings, tied to one model, embedding and training set.
@@ -282,10 +280,9 @@ def load_index(path: str | os.PathLike, embed_fn: Embedding | EmbedFn | None = N
 
 
 class IndexChecks:
-    """The indexes that passed :meth:`KnnIndex.check_compatible`, each with the weights and training set it
-    passed on. Hashing every trainable weight and the training set costs a pass over both, so an
-    `Influence` verifies an index once per run: again only when the index, the weights (a parameter
-    replaced, or changed in place) or a ``datasets.Dataset``'s fingerprint change. Other data is checked every time."""
+    """Indexes that passed :meth:`KnnIndex.check_compatible` (which hashes every weight and the training set), with
+    what they passed on: checked again only when the weights change (a parameter replaced or changed in place)
+    or the ``datasets.Dataset``'s fingerprint does. Other data is checked every time."""
 
     def __init__(self):
         self._passed: list[tuple[KnnIndex, tuple]] = []
