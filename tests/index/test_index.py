@@ -164,3 +164,24 @@ def test_approximate_search_recall():
     approximate = search(store, queries, 10, approximate=True, threshold=1000).indices
     recall = (approximate.unsqueeze(2) == exact.unsqueeze(1)).any(2).double().mean()
     assert "hnsw" in store._searchers and recall >= 0.9
+
+
+def test_a_killed_build_resumes_and_a_damaged_shard_is_recomputed(setup, tmp_path):
+    """What a SIGKILL can leave (a half-written temporary file, no manifest) and a shard damaged since: the rerun
+    recomputes only the damaged shard and gives the same index; loading a damaged complete index names the file."""
+    from hf_influence.index import build_index
+
+    inf, train, basis = setup["inf"], setup["train"], setup["bases"]["hessian"]
+    folder = tmp_path / "index"
+    build_index(inf, train, basis=basis, output_dir=folder, shard_size=16, progress=False)
+    reference = InfluenceIndex.load(folder).features
+    shards = sorted(folder.glob("index_features-*/shard_*.safetensors"))
+    shards[1].write_bytes(shards[1].read_bytes()[:-40])  # cut short
+    with pytest.raises(DamagedArtifactError, match="shard_00001"):
+        InfluenceIndex.load(folder)
+    (folder / INDEX_FILE).unlink()
+    (shards[2].parent / f".{shards[2].name}.0123456789ab.tmp").write_bytes(b"half a file")  # a write killed mid-way
+    kept = {p.name: p.stat().st_mtime_ns for p in shards if p != shards[1]}
+    rerun = build_index(inf, train, basis=basis, output_dir=folder, shard_size=16, progress=False)
+    assert rerun.report.computed == [1] and torch.equal(rerun.index.features, reference)
+    assert kept == {p.name: p.stat().st_mtime_ns for p in shards if p != shards[1]}
