@@ -31,16 +31,26 @@ def _run(code: str) -> dict:
 
 @needs_glibc
 def test_release_memory_returns_freed_heap_pages():
-    """192 MiB of 64 KiB tensors freed behind a pinned one stay resident until release_memory() gives them back."""
-    result = _run("""
-        import json, torch
-        from hf_influence._utils.memory import release_memory, resident_bytes
-        blocks = [torch.ones(16384) for _ in range(3072)]  # 64 KiB each: glibc serves them from its heap
-        pin = torch.ones(16384)  # allocated last, above the others: the heap cannot shrink from its top
-        del blocks
-        freed = resident_bytes()
-        released = release_memory()
-        print(json.dumps({"freed": freed, "after": resident_bytes(), "released": released}))
+    """192 MiB of 64 KiB blocks freed below a pinned one stay resident until release_memory() gives them back.
+
+    The child process loads only ``_utils/memory.py`` (no torch) and allocates through libc itself, so the
+    numbers are the allocator's alone."""
+    result = _run(f"""
+        import ctypes, importlib.util, json
+        spec = importlib.util.spec_from_file_location("memory", {memory.__file__!r})
+        memory = importlib.util.module_from_spec(spec); spec.loader.exec_module(memory)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        blocks = [libc.malloc(65536) for _ in range(3072)]  # below the mmap threshold: served from the heap
+        for block in blocks:
+            ctypes.memset(block, 1, 65536)  # touched, so resident
+        pin = libc.malloc(65536)  # above the others: the heap cannot shrink from its top
+        for block in blocks:
+            libc.free(block)
+        freed = memory.resident_bytes()
+        released = memory.release_memory()
+        print(json.dumps({{"freed": freed, "after": memory.resident_bytes(), "released": released}}))
     """)
     assert result["released"]
     assert result["freed"] - result["after"] > 128 * 2**20
