@@ -126,11 +126,22 @@ def query_features(inf: Any, index: InfluenceIndex, test_data: Any) -> torch.Ten
         return collect_features(inf._projection_fn(inf.test_loss, directions), inf._loader(test_data), inf._device(), "test features", inf.progress)
 
 
+def _check_model(inf: Any, index: InfluenceIndex) -> None:
+    """`InfluenceIndex.check_compatible` against ``inf``'s model and selection; hashing the weights costs a pass over them,
+    so a model is checked again only when a selected tensor is replaced or changed in place (its version counter)."""
+    version = tuple((name, id(tensor), tensor._version) for name, tensor in inf._params().items())
+    if any(model is inf.model and seen == version for model, seen in index._verified):
+        return
+    index.check_compatible(type(inf.model).__name__, list(inf.selection.names), inf.selection.fingerprint(inf.model))
+    index._verified[:] = [(model, seen) for model, seen in index._verified if model is not inf.model] + [(inf.model, version)]
+
+
 def query_index(inf: Any, index: InfluenceIndex, test_data: Any, k: int = 10, direction: str = "helpful", approximate: bool = False,
                 train_data: Any = None) -> TopInfluences:
     """`Influence.query`: checks, test features, the query-side preconditioner at ``inf.damping``, search."""
     check_query(index, k, direction)
-    index.check_compatible(type(inf.model).__name__, list(inf.selection.names), inf.selection.fingerprint(inf.model), train_data)
+    _check_model(inf, index)
+    index.check_compatible(train_data=train_data)
     inf.check_data(**{"test data": test_data})
     queries = index.query_vectors(query_features(inf, index, test_data), inf.damping)
     return search(index, queries, k, direction, approximate)

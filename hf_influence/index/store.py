@@ -60,6 +60,7 @@ class InfluenceIndex:
     curvature: torch.Tensor
     request: dict
     _searchers: dict = field(default_factory=dict, repr=False, compare=False)  # FAISS indexes built on first use
+    _verified: list = field(default_factory=list, repr=False, compare=False)  # (model, weights version) that passed the check
 
     @property
     def method(self) -> Method:
@@ -93,15 +94,16 @@ class InfluenceIndex:
             return SubspaceInverse(self.curvature.to(test_features), damping)(test_features)
         return test_features * (self.directions.shape[1] / self.rank)
 
-    def mismatches(self, model_class: str, param_names: list[str], model_fingerprint: str, train_data: Any = None,
-                   basis_fingerprint: str | None = None) -> list[str]:
-        """Why this index cannot answer for the given model and selection (and training data / basis, when given)."""
+    def mismatches(self, model_class: str | None = None, param_names: list[str] | None = None, model_fingerprint: str | None = None,
+                   train_data: Any = None, basis_fingerprint: str | None = None) -> list[str]:
+        """Why this index cannot answer for the given model class, selection and weights, training data or basis (each
+        compared when given); empty when it can."""
         saved, problems = self.request, []
-        if saved["model_class"] != model_class:
+        if model_class is not None and saved["model_class"] != model_class:
             problems.append(f"model class: built on {saved['model_class']}, given {model_class}")
-        if saved["param_names"] != list(param_names):
+        if param_names is not None and saved["param_names"] != list(param_names):
             problems.append(f"parameter selection: built on {len(saved['param_names'])} tensors, given {len(param_names)}")
-        elif saved["model_fingerprint"] != model_fingerprint:
+        elif model_fingerprint is not None and saved["model_fingerprint"] != model_fingerprint:
             problems.append(f"model weights: built on {saved['model_fingerprint'][:12]}…, given {model_fingerprint[:12]}… "
                             "(the model changed since the index was built)")
         if basis_fingerprint is not None and saved.get("basis") != basis_fingerprint:
@@ -110,8 +112,8 @@ class InfluenceIndex:
             problems.append(f"training data: built on {self.size} rows ({saved['train_data'][:12]}…), given {given[:12]}…")
         return problems
 
-    def check_compatible(self, model_class: str, param_names: list[str], model_fingerprint: str, train_data: Any = None,
-                         basis_fingerprint: str | None = None) -> None:
+    def check_compatible(self, model_class: str | None = None, param_names: list[str] | None = None, model_fingerprint: str | None = None,
+                         train_data: Any = None, basis_fingerprint: str | None = None) -> None:
         """Raise `StaleIndexError` listing :meth:`mismatches`, with the way out."""
         problems = self.mismatches(model_class, param_names, model_fingerprint, train_data, basis_fingerprint)
         if problems:

@@ -128,6 +128,13 @@ def test_stale_or_foreign_index_is_refused(setup, tmp_path):
     stale = hfi.Influence(changed, last_n_layers=1, progress=False)
     with pytest.raises(StaleIndexError, match="model weights"):
         stale.query(store, test, k=K)
+    changed_later = copy.deepcopy(setup["model"])  # passes once, then its weights change in place: refused
+    later = hfi.Influence(changed_later, last_n_layers=1, damping=utils.BERT_DAMPING, progress=False)
+    later.query(store, test, k=K)
+    with torch.no_grad():
+        changed_later.classifier.weight.mul_(1.01)
+    with pytest.raises(StaleIndexError, match="model weights"):
+        later.query(store, test, k=K)
     other_selection = hfi.Influence(setup["model"], params=["classifier"], progress=False)
     with pytest.raises(StaleIndexError, match="parameter selection"):
         other_selection.query(store, test, k=K)
