@@ -70,7 +70,14 @@ class LossFunction:
 
 
 def accumulation_dtype(params: Params) -> torch.dtype:
-    """fp32 for half/bf16/fp32 models, fp64 for fp64 models."""
+    """fp32 for half/bf16/fp32 models, fp64 for fp64 models.
+
+    The precision rule: the model's own forward and backward passes (first and second order) run in its
+    dtype, with the task's loss taken in fp32 from upcast logits; every per-example gradient, projection
+    and Hessian-vector product leaves the model cast to this dtype, and everything after it (Krylov basis,
+    eigenpairs, inverses, scores) stays in it. Vectors fed back into the model (HVP and JVP tangents) are
+    rounded to the model's dtype.
+    """
     dtype = next(iter(params.values())).dtype
     return torch.promote_types(dtype, torch.float32)
 
@@ -79,7 +86,8 @@ def check_finite(tensor: torch.Tensor, what: str, where: str) -> torch.Tensor:
     if not torch.isfinite(tensor).all():
         raise NonFiniteError(
             f"NaN/Inf in {what} ({where}). Check the inputs of that batch (labels, lengths) and the model "
-            "weights; in half precision, compute influence in float32."
+            "weights. A float16 model overflows easily (its largest value is 65504; second derivatives, e.g. "
+            "through LayerNorm, exceed it first): load it in bfloat16 (same memory, float32's range) or float32."
         )
     return tensor
 
