@@ -46,8 +46,8 @@ SETUPS = {"1 process x 1 thread": (1, 1), "2 processes x 1 thread": (2, 1)}
 THREADS_SETUP = {"1 process x 2 threads": (1, 2)}
 
 
-def build(args, root: Path) -> None:
-    """Model, training set and basis on disk."""
+def build(args, root: Path, with_basis: bool = True) -> None:
+    """Model, training set and (for the scoring part) basis on disk."""
     torch.manual_seed(0)
     config = BertConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=4,
                         intermediate_size=4 * args.hidden, max_position_embeddings=max(128, args.seq_len), num_labels=3)
@@ -57,6 +57,8 @@ def build(args, root: Path) -> None:
                               "labels": (ids[:, 0] % 3).tolist()})
     model.save_pretrained(root / "model")
     data.save_to_disk(str(root / "train"))
+    if not with_basis:
+        return
     inf = hfi.Influence(model, batch_size=args.batch_size, progress=False)
     inf.fit_arnoldi(data.select(range(args.batch_size)), rank=args.rank, iterations=args.rank + 5).save(root / "basis")
 
@@ -134,7 +136,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in setups}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        build(args, root)
+        build(args, root, with_basis="score" in parts)
         fits: dict[str, list[dict]] = {name: [] for name in setups}
         for round_ in range(args.rounds):
             for name, (processes, threads) in setups.items():
