@@ -37,6 +37,14 @@ class Curvature(str, Enum):
     FISHER = "fisher"
 
 
+class Algorithm(str, Enum):
+    """How a Hessian eigenbasis fit spends its HVPs: one vector per pass over the Hessian rows (``iterations`` passes in
+    sequence), or a block of b vectors per pass (about ``iterations / b`` passes; b chosen from the memory budget)."""
+
+    ARNOLDI = "arnoldi"
+    BLOCK = "block"
+
+
 class Projection(str, Enum):
     """How gradients are projected on a basis: forward-mode JVPs, per-example gradients, or the cheaper."""
 
@@ -131,11 +139,15 @@ class BasisConfig:
     curvature: str = field(default="hessian", metadata={
         "help": "'hessian' (Arnoldi, `iterations` HVP passes) or 'fisher' (the empirical Fisher's exact eigenpairs from "
                 "one pass of per-example gradients over the Hessian rows)."})
+    algorithm: str = field(default="arnoldi", metadata={
+        "help": "Hessian fits: 'arnoldi' (one HVP per pass, `iterations` passes in sequence) or 'block' (block Krylov: b HVPs "
+                "per pass from one graph-keeping backward, about iterations / b passes; b from memory_budget_gb, logged)."})
 
     def __post_init__(self):
         check_count(self.rank, "rank")
         check_count(self.iterations, "iterations")
         self.curvature = as_choice(Curvature, self.curvature, "curvature").value
+        self.algorithm = as_choice(Algorithm, self.algorithm, "algorithm").value
         if self.curvature == Curvature.HESSIAN and self.rank > self.iterations:
             raise InvalidInputError(f"rank must be <= iterations for the Hessian, got rank={self.rank}, iterations={self.iterations}: "
                                     "raise iterations.")

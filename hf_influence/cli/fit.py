@@ -6,8 +6,8 @@ Writes ``arnoldi_basis.safetensors`` (top ``--rank`` eigenpairs of ``--iteration
 tied to the model's weights) and the ``fit`` section of ``influence_config.json`` (settings,
 eigenvalues, spectrum estimates, model fingerprint, library versions). ``hf-influence score`` and
 ``filter`` then project every gradient onto this basis. Under ``torchrun`` / ``accelerate launch``
-every process runs the fit (each its share of the Hessian rows where the solver spreads them) and
-the main process saves it.
+every process runs the fit on its share of the Hessian batches (the products are summed across
+processes, so all end with the same basis) and the main process saves it.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _fit_and_save(run: Session, hessian, args: FitArguments) -> dict:
     """The spectrum (optional) and the basis, saved by the main process; the figures for the config file."""
     inf: Influence = run.inf
     spectrum = inf.spectrum(hessian, iterations=args.spectrum_iterations, trace_matvecs=args.trace_matvecs) if args.spectrum else None
-    basis = inf.fit_basis(hessian, **dataclasses.asdict(pick(args, BasisConfig)))
+    basis = inf.fit_basis(hessian, **dataclasses.asdict(pick(args, BasisConfig)), data_parallel=run.accelerator is not None)
     path = basis_save_path(run.output_dir)
     if run.is_main:
         basis.save(path)

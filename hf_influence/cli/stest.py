@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .._utils.errors import InvalidInputError
 from ..engine.ihvp.lissa import LissaConfig
-from ..jobs.stest import CONFIG_FILE, STEST_DIR, load_stest, sharded_s_test, stest_save_path  # noqa: F401  (the files' API)
+from ..jobs.stest import CONFIG_FILE, STEST_DIR, sharded_s_test
 from .arguments import DataArguments, InfluenceArguments, ModelArguments
 from .loading import load_split
 from .session import Session

@@ -15,7 +15,8 @@ from ..data import dataset_fingerprint, dataset_of, select_rows
 from ..engine.ihvp.arnoldi import ArnoldiBasis
 from ..influence import Influence
 from ..knn import KnnScores, build_index, check_num_neighbors
-from .shards import ShardPlan, ShardReport, compute_shards, merge_shards, tensors_checksum
+from .._utils.io import tensors_checksum
+from .shards import ShardPlan, ShardReport, compute_shards, merge_shards
 
 
 @dataclass

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from .._utils.errors import CorruptShardError, DamagedArtifactError, IncompatibleBasisError, InvalidInputError, NonFiniteError, RunInterrupted
-from .._utils.io import (  # noqa: F401  (tensors_checksum: the basis identity in scoring requests)
-    check_writable_dir, damaged_artifact, read_json_artifact, read_tensors_artifact, save_tensors, tensors_checksum, write_json_artifact,
+from .._utils.io import (
+    check_writable_dir, damaged_artifact, read_json_artifact, read_tensors_artifact, save_tensors, write_json_artifact,
 )
 from .processes import StopRequests, broadcast_from_main, is_main_process, wait_for_everyone
 

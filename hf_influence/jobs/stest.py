@@ -29,7 +29,8 @@ from .._utils.errors import DamagedArtifactError, IncompatibleBasisError, RunInt
 from .._utils.io import check_writable_dir, damaged_artifact, read_json_artifact, read_tensors_artifact, save_tensors, write_json_artifact
 from ..data import dataset_fingerprint, dataset_of, select_rows
 from ..engine.ihvp.lissa import LissaConfig
-from ..influence import Influence, ResolvedLissa
+from ..curvature import ResolvedLissa
+from ..influence import Influence
 from .processes import StopRequests, is_main_process, wait_for_everyone
 from .shards import request_hash
 

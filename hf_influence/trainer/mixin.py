@@ -73,8 +73,8 @@ class InfluenceTrainerMixin:
         the exact eigenbasis of the empirical Fisher) for the model's current weights.
 
         The Hessian is that of the mean training loss over a seeded random subset of
-        ``influence_hessian_examples`` rows of ``dataset``. Every process runs the fit (each its share
-        of the Hessian rows where the solver spreads them, so all end with the same basis); the main
+        ``influence_hessian_examples`` rows of ``dataset``. Every process runs the fit on its share of
+        the Hessian batches (products summed across processes, so all end with the same basis); the main
         process saves it to ``output_dir/<influence_dir>/arnoldi_basis.safetensors``.
 
         Args:
@@ -87,7 +87,7 @@ class InfluenceTrainerMixin:
         dataset = self._dataset_or_train(dataset, "fit_influence")
         inf = self.get_influence(progress=not self.args.disable_tqdm and is_main_process(self.accelerator))
         basis = inf.fit_basis(self.get_influence_dataloader(self.get_hessian_dataset(dataset)), settings.rank, settings.iterations,
-                              settings.curvature)
+                              settings.curvature, settings.algorithm, data_parallel=self.accelerator.num_processes > 1)
         if is_main_process(self.accelerator):
             basis.save(basis_save_path(self._influence_root()))
         wait_for_everyone(self.accelerator)

@@ -10,7 +10,7 @@ import yaml
 
 import hf_influence as hfi
 from hf_influence.cli.main import main
-from hf_influence.cli.stest import load_stest, stest_save_path
+from hf_influence.jobs.stest import load_stest, stest_save_path
 from tests import utils
 
 MANUAL = {"lissa": "manual", "scale": 0.5, "steps": 40, "repeats": 4, "lissa_batch_size": 16}

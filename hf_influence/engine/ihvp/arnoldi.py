@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from ..._utils.adapters import adapter_names_in, describe_adapter_change
-from ..._utils.errors import IncompatibleBasisError, InvalidInputError
+from ..._utils.errors import IncompatibleBasisError
 from ..._utils.io import damaged_artifact, read_tensors_artifact, save_tensors
 from ...config import check_damping
-from .base import distill  # noqa: F401  (Ritz pairs: shared with the block solver)
 
 BASIS_FILE = "arnoldi_basis.safetensors"
 _METADATA_KEYS = ("param_names", "param_shapes", "iterations", "fingerprint", "model_class", "curvature")

@@ -8,7 +8,6 @@ import torch
 from transformers.utils import logging
 
 from ..._utils.errors import InvalidInputError
-from ...config import check_damping  # noqa: F401  (solvers import the one damping rule from here)
 
 
 logger = logging.get_logger(__name__)

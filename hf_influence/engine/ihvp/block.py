@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import time
-from enum import Enum
 from typing import Callable, NamedTuple
 
 import torch
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..._utils import comm
-from ..._utils.errors import InvalidInputError
+from ...config import Algorithm
 from ..spectrum import krylov_iteration
 from .base import RitzPairs, distill, log_residuals
 
@@ -38,22 +37,7 @@ _PROBE = 8  # vectors in the timed pass that sizes the block
 _MAX_WIDTH = 64
 
 
-class FitAlgorithm(str, Enum):
-    """How an eigenbasis fit spends its HVPs; ``"block"`` and ``FitAlgorithm.BLOCK`` are interchangeable."""
-
-    ARNOLDI = "arnoldi"  # one vector per pass: `iterations` sequential passes (spectrum.krylov_iteration)
-    BLOCK = "block"  # b vectors per pass: ceil(iterations / b) passes (block_krylov)
-
-
-def as_algorithm(algorithm: str | FitAlgorithm) -> FitAlgorithm:
-    """``algorithm`` as a `FitAlgorithm`, or an error listing the valid names."""
-    try:
-        return FitAlgorithm(algorithm)
-    except ValueError:
-        raise InvalidInputError(f"algorithm must be one of {[a.value for a in FitAlgorithm]}, got {algorithm!r}.") from None
-
-
-def fit_eigenpairs(hvp: HVP, num_params: int, rank: int, iterations: int, algorithm: FitAlgorithm, generator: torch.Generator,
+def fit_eigenpairs(hvp: HVP, num_params: int, rank: int, iterations: int, algorithm: Algorithm, generator: torch.Generator,
                    like: torch.Tensor, memory_budget: float, across_processes: bool = False, progress: bool = True) -> tuple[RitzPairs, int]:
     """Top-``rank`` eigenpairs by |λ| of the operator ``hvp`` at the accuracy of ``iterations`` Arnoldi steps:
     ``(pairs, products spent)``.
@@ -61,7 +45,7 @@ def fit_eigenpairs(hvp: HVP, num_params: int, rank: int, iterations: int, algori
     ``like`` gives dtype and device. With ``across_processes`` (every process calls with the same
     seed), the block plan and the pairs are broadcast from process 0, so every process runs the
     same passes and returns the very same basis."""
-    if algorithm is FitAlgorithm.ARNOLDI:
+    if algorithm is Algorithm.ARNOLDI:
         start = torch.randn(num_params, generator=generator, dtype=torch.float64).to(like)
         basis, hessenberg = krylov_iteration(hvp, start, iterations, progress, desc="Arnoldi")
     else:

@@ -6,7 +6,7 @@ import torch
 from transformers.utils import logging
 
 from ..._utils.errors import SingularHessianError
-from .base import check_damping
+from ...config import check_damping
 
 logger = logging.get_logger(__name__)
 

@@ -22,7 +22,7 @@ from transformers.utils import logging
 from ..._utils import comm
 from ..._utils.errors import InvalidInputError, LissaDivergenceError
 from ..spectrum import Spectrum
-from .base import check_damping
+from ...config import check_damping
 
 logger = logging.get_logger(__name__)
 SampleHVP = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (V [P,k], generator) -> H_B V

@@ -5,7 +5,7 @@ import torch
 
 import hf_influence as hfi
 from hf_influence._utils.errors import IncompatibleBasisError
-from hf_influence.engine.ihvp.arnoldi import distill
+from hf_influence.engine.ihvp.base import distill
 from hf_influence.engine.spectrum import krylov_iteration
 from tests import utils
 

@@ -1,0 +1,133 @@
+"""What every `Influence` method is wired from: the model, task, parameter selection and settings, the data
+checks, batches, Hessian rows, and the feature functions (gradients, projections) handed to the engine."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ._utils.errors import InvalidInputError, TaskInferenceError
+from .config import InfluenceConfig
+from .data import dataset_of, make_loader, select_rows, to_device
+from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
+from .engine.hvp import dataset_hvp
+from .engine.ihvp.arnoldi import ArnoldiBasis
+from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
+from .engine.scoring import FeatureFn, SubspaceInverse, random_subspace
+from .inputs import check_examples, input_limits
+from .knn import IndexChecks
+from .params import select_parameters
+from .tasks import Task, infer_task
+
+
+def refuses_autocast(method):
+    """Run a public entry point only outside ``torch.autocast`` (see ``ModelWiring._check_precision``)."""
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        self._check_precision()
+        return method(self, *args, **kwargs)
+
+    return checked
+
+
+class ModelWiring:
+    """The state every `Influence` method shares and the helpers that feed the engine (no public scoring here)."""
+
+    def __init__(self, model: nn.Module, task: Task | None, config: InfluenceConfig, progress: bool):
+        self.config = config
+        self.model = model
+        self.task = task if task is not None else infer_task(model)
+        if not callable(getattr(self.task, "per_example_loss", None)):
+            raise TaskInferenceError(f"task must have a per_example_loss(model, batch) method; got {type(self.task).__name__}.")
+        self.selection = select_parameters(model, config.params, config.last_n_layers)
+        self.limits = input_limits(model, self.task)
+        self.damping, self.batch_size, self.seed = config.damping, config.batch_size, config.seed
+        self.projection, self.progress = config.projection, progress
+        self.memory_budget = config.memory_budget_gb * 2**30
+        self.train_loss = LossFunction(model, self.task, self.selection)
+        self.test_loss = LossFunction(model, self.task, self.selection, measurement=True)
+        self._verified_bases: dict[int, ArnoldiBasis] = {}  # bases that passed the model/selection check (weights hashed once)
+        self._checked: set[str] = set()  # fingerprints of the Datasets that passed check_data
+        self._index_checks = IndexChecks()  # kNN indexes verified against this model and training set
+
+    def check_data(self, **data_by_role: Any) -> None:
+        """Refuse data the model cannot use (missing columns, too long, foreign token ids, no targets),
+        naming each by its keyword (``check_data(**{"training data": ds})``). A ``Dataset`` that passed
+        is remembered by its fingerprint, so sharded runs and nested calls scan it once."""
+        for role, data in data_by_role.items():
+            fingerprint = getattr(data, "_fingerprint", None)  # a datasets.Dataset's; a DataLoader has none
+            if data is None or fingerprint in self._checked:
+                continue
+            check_examples(data, self.limits, role)
+            if fingerprint is not None:
+                self._checked.add(fingerprint)
+
+    def _check_precision(self) -> None:
+        """Refuse mixed precision: under ``torch.autocast`` the gradients and HVPs would run in half precision."""
+        device = self._device().type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            raise InvalidInputError(
+                f"Mixed precision is on (torch.autocast on {device}, {dtype}): gradients and Hessian-vector products "
+                f"would run in {dtype}, and inverting the Hessian magnifies that error by its condition number. Call "
+                "hf_influence outside the autocast block (e.g. outside accelerator.autocast()); it accumulates in "
+                "float32 on its own."
+            )
+
+    def hessian_rows(self, data: Any) -> Any:
+        """The seeded random subset of at most ``hessian_examples`` rows that every Hessian pass uses (in row order)."""
+        dataset, limit = dataset_of(data), self.config.hessian_examples
+        if limit is None or len(dataset) <= limit:
+            return data
+        keep = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:limit].tolist())
+        return select_rows(data, keep)
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        return self.selection.tensors(self.model)
+
+    def _device(self) -> torch.device:
+        return next(iter(self._params().values())).device
+
+    def _pad_id(self) -> int:
+        pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def _loader(self, data: Any) -> DataLoader:
+        return make_loader(data, self.batch_size, self._pad_id())
+
+    def _materialize(self, data: Any) -> list:
+        """All batches of the Hessian rows of ``data`` (see :meth:`_hessian_rows`) on the model's device (reused many times)."""
+        batches = [to_device(b, self._device()) for b in self._loader(self.hessian_rows(data))]
+        if not batches:
+            raise InvalidInputError("The Hessian data is empty: pass at least one training example.")
+        return batches
+
+    def _grad_fn(self, loss_fn: LossFunction) -> FeatureFn:
+        params = self._params()
+        chunk = grads_chunk_size(self.selection.num_params, self.batch_size, self.memory_budget)
+        return lambda batch: per_example_grads(loss_fn, params, batch, chunk_size=chunk)
+
+    def _projection_fn(self, loss_fn: LossFunction, directions: torch.Tensor) -> FeatureFn:
+        params, num, rank = self._params(), self.selection.num_params, directions.shape[0]
+        mode = self.projection if self.projection != "auto" else choose_projection(num, rank, self.batch_size, self.memory_budget)
+        if mode == "jvp":
+            return lambda batch: project_by_jvp(loss_fn, params, batch, directions)
+        chunk = grads_chunk_size(num, self.batch_size, self.memory_budget)
+        return lambda batch: project_by_grads(loss_fn, params, batch, directions, chunk_size=chunk)
+
+    def _random_directions(self, rank: int) -> torch.Tensor:
+        if not 1 <= rank <= self.selection.num_params:
+            raise InvalidInputError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
+        generator = torch.Generator().manual_seed(self.seed)
+        return random_subspace(self.selection.num_params, rank, generator, accumulation_dtype(self._params())).to(self._device())
+
+    def _subspace_inverse(self, hessian_data: Any, directions: torch.Tensor) -> SubspaceInverse:
+        params = self._params()
+        with eval_mode(self.model):
+            h_q = dataset_hvp(self.train_loss, params, self._materialize(hessian_data), directions.T)  # [P, p̄]
+        return SubspaceInverse(directions @ h_q, self.damping)
