@@ -1,0 +1,286 @@
+"""Linear datamodeling score (LDS) of every method on SICK: how well each predicts retraining on random halves.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/lds.py [--num-models 100] [--num-val 100] [--num-report 200]
+
+SICK (``../shared/data/sick``, read in place; the script exits cleanly when it is absent): a word-level
+tokenizer and the recipe's tiny BERT from config (hidden 64, 2 layers) reading the overlap hint
+(``recipes.tasks.with_overlap_hint``), trained on the 4,439 training pairs. Then the encoder is frozen and
+the head (pooler + classifier, 4,355 parameters, the selection ``recipes/nli/sick.yaml`` scores) is
+retrained alone on the fixed [CLS] features, to convergence (full-batch L-BFGS on the mean cross-entropy +
+``l2/2 ‖θ‖²``, the same seeded initialisation every time): once on every training pair (the model every
+method scores, ``params=["classifier", "pooler"]``) and once per subset of ``hfi.lds_subsets`` (the LDS
+ground truth, one checksummed result per subset model under ``--out-dir``, resumable). Retraining exactly the
+scored parameters on fixed features is what makes M = 100+ retrainings affordable on a CPU; it is also the
+setting where the influence approximation is asked exactly the question retraining answers.
+
+Test rows: ``--num-val`` SICK test pairs choose each method's damping (the sweep ``--dampings``, the best
+LDS on them), ``--num-report`` other test pairs give the reported LDS and its 95% bootstrap CI. Cost: seconds
+of the reported call (basis fit + scoring of all training pairs against all test pairs), on shared cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+import hf_influence as hfi  # noqa: E402
+from benchmarks._tiny_bert import train_tiny_bert  # noqa: E402
+from hf_influence._utils.errors import HfInfluenceError  # noqa: E402
+from hf_influence.corpora import load_sick  # noqa: E402
+from hf_influence.data import make_loader  # noqa: E402
+from hf_influence.lds import load_subset_outputs, run_subset_models  # noqa: E402
+from hf_influence.recipes.presets import build_tokenizer, fast_tokenizer  # noqa: E402
+from hf_influence.recipes.tasks import with_overlap_hint  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAX_LENGTH = 128
+PARAMS = ["classifier", "pooler"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="folder holding sick/SICK.txt")
+    parser.add_argument("--out-dir", type=Path, default=Path("hf_influence_output_lds"), help="subset-model results (resumable)")
+    parser.add_argument("--num-models", type=int, default=100, help="M subset models")
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--num-val", type=int, default=100, help="test pairs that choose each method's damping")
+    parser.add_argument("--num-report", type=int, default=200, help="other test pairs that give the reported LDS")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the whole tiny BERT")
+    parser.add_argument("--l2", type=float, default=1e-3, help="L2 on the head when it is (re)trained on fixed features")
+    parser.add_argument("--head-iterations", type=int, default=500, help="L-BFGS iterations per head fit")
+    parser.add_argument("--dampings", type=float, nargs="+", default=[1e-4, 1e-3, 3e-3, 1e-2, 1e-1], help="the sweep")
+    parser.add_argument("--arnoldi-ranks", type=int, nargs="*", default=[10, 50, 200])
+    parser.add_argument("--fisher-ranks", type=int, nargs="*", default=[50, 200])
+    parser.add_argument("--randproj-ranks", type=int, nargs="*", default=[50, 200])
+    parser.add_argument("--lissa-dampings", type=float, nargs="*", default=[1e-2, 1e-1], help="LiSSA's sweep (empty: skip LiSSA)")
+    parser.add_argument("--lissa-val", type=int, default=25, help="LiSSA's sweep rows (the first of --num-val)")
+    parser.add_argument("--lissa-report", type=int, default=50, help="LiSSA's reported rows (the first of --num-report)")
+    parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def encode(split: Dataset, tokenizer) -> Dataset:
+    """The recipe's encoding: premise, [SEP], hypothesis with the overlap hint; labels."""
+    premises = list(split["premise"])
+    hypotheses = [with_overlap_hint(p, h, tokenizer.sep_token) for p, h in zip(premises, split["hypothesis"])]
+    encoded = tokenizer(premises, hypotheses, truncation=True, max_length=MAX_LENGTH)
+    return Dataset.from_dict({**{k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, "labels": list(split["label"])})
+
+
+@torch.no_grad()
+def cls_features(model, data: Dataset) -> torch.Tensor:
+    """The frozen encoder's [CLS] states, what the pooler reads: [n, hidden], float64."""
+    rows = [model.bert(**{k: v for k, v in b.items() if k != "labels"}).last_hidden_state[:, 0] for b in make_loader(data, 128)]
+    return torch.cat(rows).double()
+
+
+def head_init(model, seed: int) -> dict[str, torch.Tensor]:
+    """The seeded starting point of every head fit: weights N(0, 1/fan_in), biases 0, float64."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return {name: (torch.randn(param.shape, generator=generator, dtype=torch.float64) / param.shape[1] ** 0.5 if param.dim() == 2
+                   else torch.zeros(param.shape, dtype=torch.float64))
+            for name, param in model.named_parameters() if name.startswith(("bert.pooler", "classifier"))}
+
+
+def head_logits(head: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
+    """BertForSequenceClassification's head in eval mode: classifier(tanh(pooler(h_cls)))."""
+    pooled = torch.tanh(features @ head["bert.pooler.dense.weight"].T + head["bert.pooler.dense.bias"])
+    return pooled @ head["classifier.weight"].T + head["classifier.bias"]
+
+
+def fit_head(init: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, l2: float, iterations: int) -> dict[str, torch.Tensor]:
+    """The head minimising mean cross-entropy + l2/2 ‖θ‖² on fixed features (L-BFGS, strong Wolfe), float64."""
+    head = {k: v.detach().clone().double().requires_grad_(True) for k, v in init.items()}
+    optimizer = torch.optim.LBFGS(list(head.values()), lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head_logits(head, features), labels) + 0.5 * l2 * sum((v**2).sum() for v in head.values())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return {k: v.detach() for k, v in head.items()}
+
+
+def test_losses(head: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head_logits(head, features), labels, reduction="none")
+
+
+def fingerprint(*tensors: torch.Tensor, settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for tensor in tensors:
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def scored_model(model, head: dict[str, torch.Tensor]):
+    """A copy of the tiny BERT whose head is the fixed-feature fit on every training pair (float32, eval mode)."""
+    scored = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in scored.named_parameters():
+            if name in head:
+                param.copy_(head[name].float())
+    return scored.eval()
+
+
+def methods(args: argparse.Namespace) -> dict[str, dict]:
+    """Every method measured: how to score, whether damping matters, the basis it needs."""
+    table: dict[str, dict] = {}
+    if not args.skip_exact:
+        table["exact"] = {"method": "exact"}
+    for rank in args.arnoldi_ranks:
+        table[f"Arnoldi (Hessian) p̄={rank}"] = {"method": "arnoldi", "fit": ("hessian", rank)}
+    for rank in args.fisher_ranks:
+        table[f"Fisher eigenbasis p̄={rank}"] = {"method": "arnoldi", "fit": ("fisher", rank)}
+    for rank in args.randproj_ranks:
+        table[f"random projection p̄={rank}"] = {"method": "randproj", "rank": rank}
+    if args.lissa_dampings:
+        table["auto-LiSSA"] = {"method": "lissa", "dampings": args.lissa_dampings, "rows": (args.lissa_val, args.lissa_report)}
+    table["TracIn (gradient dot product)"] = {"method": "tracin", "dampings": [0.0]}
+    return table
+
+
+def score_method(model, spec: dict, damping: float, test: Dataset, train: Dataset, basis) -> tuple[torch.Tensor, float]:
+    """Scores [n_test, N] of one method at one damping and the seconds the call took (the fit not included)."""
+    inf = hfi.Influence(model, params=PARAMS, damping=damping, batch_size=64, hessian_examples=None, progress=False)
+    start = time.perf_counter()
+    kwargs = {"basis": basis} if basis is not None else {"rank": spec["rank"]} if "rank" in spec else {}
+    scores = inf.scores(test, train, method=spec["method"], **kwargs)
+    return scores, time.perf_counter() - start
+
+
+def fit_basis(model, spec: dict, train: Dataset) -> tuple[object, float]:
+    if "fit" not in spec:
+        return None, 0.0
+    curvature, rank = spec["fit"]
+    inf = hfi.Influence(model, params=PARAMS, batch_size=64, hessian_examples=None, progress=False)
+    start = time.perf_counter()
+    basis = inf.fit_fisher(train, rank=rank) if curvature == "fisher" else inf.fit_arnoldi(train, rank=rank, iterations=max(2 * rank, rank + 20))
+    return basis, time.perf_counter() - start
+
+
+def exact_sweep(model, dampings: list[float], test: Dataset, train: Dataset) -> tuple[dict[float, torch.Tensor], float]:
+    """Exact influence at every damping from one explicit Hessian of all training pairs, eigendecomposed once: the
+    math of ``method="exact"`` (``ExactInverse``), which would recompute the Hessian for each damping. Seconds: one call."""
+    inf = hfi.Influence(model, params=PARAMS, batch_size=64, hessian_examples=None, progress=False)
+    start = time.perf_counter()
+    eigenvalues, eigenvectors = torch.linalg.eigh(inf.exact_hessian(train).double())
+    test_coords = inf.gradients(test, test_side=True).double() @ eigenvectors  # [n_test, P]
+    train_coords = inf.gradients(train).double() @ eigenvectors  # [N, P]
+    seconds = time.perf_counter() - start
+    return {d: ((test_coords / (eigenvalues + d)) @ train_coords.T).float() for d in dampings}, seconds
+
+
+def sweep_method(model, name: str, spec: dict, args, test: Dataset, train: Dataset) -> tuple[dict[float, tuple[torch.Tensor, float]], float]:
+    """{damping: (scores [n_test, N], seconds of that scoring call)} and the basis fit's seconds."""
+    dampings = spec.get("dampings", args.dampings)
+    if spec["method"] == "exact":
+        by_damping, seconds = exact_sweep(model, dampings, test, train)
+        return {d: (scores, seconds) for d, scores in by_damping.items()}, 0.0
+    basis, fit_seconds = fit_basis(model, spec, train)
+    sweep = {}
+    for damping in dampings:
+        try:
+            sweep[damping] = score_method(model, spec, damping, test, train, basis)
+        except HfInfluenceError as error:  # a damping the method refuses (e.g. LiSSA diverging) is reported and skipped
+            print(f"  {name} at damping {damping:g}: {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
+    return sweep, fit_seconds
+
+
+def measure(model, table: dict[str, dict], args, test: Dataset, train: Dataset, subsets: torch.Tensor, outputs: torch.Tensor) -> list[dict]:
+    """For each method: the damping sweep on the validation rows, then the LDS on the report rows at the best damping
+    (LiSSA, one solve per test row, on the first ``--lissa-val`` / ``--lissa-report`` of them)."""
+    rows = []
+    for name, spec in table.items():
+        num_val, num_report = spec.get("rows", (args.num_val, args.num_report))
+        val = list(range(num_val))
+        report_rows = list(range(args.num_val, args.num_val + num_report))
+        sweep, fit_seconds = sweep_method(model, name, spec, args, test.select(val + report_rows), train)
+        val_lds = {}
+        for damping, (scores, seconds) in sweep.items():
+            val_lds[damping] = hfi.lds(scores[:num_val], subsets, outputs[:, val]).mean
+            print(f"  {name}, damping {damping:g}: validation LDS {val_lds[damping]:.4f} ({seconds:.1f}s)", flush=True)
+        best = max(val_lds, key=val_lds.get)
+        scores, seconds = sweep[best]
+        result = hfi.lds(scores[num_val:], subsets, outputs[:, report_rows])
+        rows.append({"method": name, "damping": best, "lds": result.mean, "ci": result.ci, "seconds": fit_seconds + seconds,
+                     "fit_seconds": fit_seconds, "num_val": num_val, "num_report": num_report,
+                     "sweep": {str(d): v for d, v in val_lds.items()}})
+        print(f"{name}: LDS {result.mean:.4f} [{result.ci[0]:.4f}, {result.ci[1]:.4f}] on {num_report} rows at damping {best:g}; "
+              f"{fit_seconds + seconds:.1f}s (fit {fit_seconds:.1f}s)", flush=True)
+    return rows
+
+
+def report(rows: list[dict], args) -> None:
+    print("\n| method | damping (best on validation rows) | LDS | 95% CI | test rows | seconds (fit) |")
+    print("|---|---:|---:|---|---:|---:|")
+    for row in sorted(rows, key=lambda r: -r["lds"]):
+        print(f"| {row['method']} | {row['damping']:g} | {row['lds']:.3f} | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row['num_report']} | "
+              f"{row['seconds']:.1f} ({row['fit_seconds']:.1f}) |")
+
+
+def subset_train_fn(init, features, labels, test_features, test_labels, args) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def train_fn(index: int, subset: torch.Tensor) -> torch.Tensor:
+        head = fit_head(init, features[subset], labels[subset], args.l2, args.head_iterations)
+        return test_losses(head, test_features, test_labels)
+    return train_fn
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        sick = load_sick(args.data_dir / "sick")
+    except FileNotFoundError as error:
+        print(f"skipping the LDS benchmark: {error}")
+        return 0
+    start = time.perf_counter()
+    tokenizer = fast_tokenizer(build_tokenizer([t for pair in zip(sick["train"]["premise"], sick["train"]["hypothesis"]) for t in pair]))
+    picked = sick["test"].shuffle(seed=args.seed).select(range(args.num_val + args.num_report))
+    train, test = encode(sick["train"], tokenizer), encode(picked, tokenizer)
+    model = train_tiny_bert(train, len(tokenizer), MAX_LENGTH, 64, 2, args.epochs, 32, args.seed)
+    features, test_features = cls_features(model, train), cls_features(model, test)
+    labels, test_labels = torch.tensor(train["labels"]), torch.tensor(test["labels"])
+    init = head_init(model, args.seed)
+    tick = time.perf_counter()
+    full_head = fit_head(init, features, labels, args.l2, args.head_iterations)
+    head_seconds = time.perf_counter() - tick
+    model = scored_model(model, full_head)
+    accuracy = float((head_logits(full_head, cls_features(model, encode(sick["test"], tokenizer))).argmax(-1)
+                      == torch.tensor(sick["test"]["label"])).double().mean())
+    print(f"SICK: {len(train)} train pairs; tiny BERT trained in {tick - start:.0f}s; head refit on fixed features {head_seconds:.2f}s; "
+          f"test accuracy {accuracy:.3f} (all {len(sick['test'])} test pairs)", flush=True)
+
+    subsets = hfi.lds_subsets(len(train), args.num_models, args.fraction, args.seed)
+    out_dir = args.out_dir / fingerprint(features, test_features, settings={"l2": args.l2, "iterations": args.head_iterations, "seed": args.seed})
+    tick = time.perf_counter()
+    trained = run_subset_models(subset_train_fn(init, features, labels, test_features, test_labels, args), subsets, out_dir)
+    outputs = load_subset_outputs(subsets, out_dir)
+    print(f"{args.num_models} subset models (fraction {args.fraction}) in {out_dir}: {len(trained)} trained now in "
+          f"{time.perf_counter() - tick:.0f}s; mean test loss {outputs.mean():.3f}", flush=True)
+
+    rows = measure(model, methods(args), args, test, train, subsets, outputs)
+    report(rows, args)
+    (out_dir / f"lds_results_{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print(f"\ntotal {time.perf_counter() - start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
