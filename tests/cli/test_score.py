@@ -36,7 +36,7 @@ def api(trained_bert, fitted):
     basis = hfi.ArnoldiBasis.load(fitted)
     return {"self": inf.self_influence(train, basis=basis), "pairwise": inf.scores(test, train, basis=basis),
             "knn": inf.scores(test, train, basis=basis, knn=6),
-            "knn_gradient": inf.scores(test, train, basis=basis, knn=6, index=knn.build_index(model, train, "head_gradient", progress=False))}
+            "knn_features": inf.scores(test, train, basis=basis, knn=6, index=knn.build_index(model, train, "classifier_input", progress=False))}
 
 
 def score(bert_on_disk, out, *extra):
@@ -92,11 +92,11 @@ def test_pairwise_and_knn_files_equal_the_api(bert_on_disk, api, tmp_path):
     assert torch.equal(column(table, "train_index").reshape(12, 6), api["knn"].indices)
     torch.testing.assert_close(column(table, "score").reshape(12, 6), api["knn"].scores, atol=API_ATOL, rtol=0)
 
-    assert score(bert_on_disk, out, "--kind", "pairwise", "--knn", "6", "--knn_embedding", "head_gradient") == 0
+    assert score(bert_on_disk, out, "--kind", "pairwise", "--knn", "6", "--knn_embedding", "classifier_input") == 0
     table = pd.read_parquet(out / "scores.parquet").sort_values(["test_index", "neighbor_rank"])
-    assert not torch.equal(api["knn_gradient"].indices, api["knn"].indices)  # another index, other candidates
-    assert torch.equal(column(table, "train_index").reshape(12, 6), api["knn_gradient"].indices)
-    torch.testing.assert_close(column(table, "score").reshape(12, 6), api["knn_gradient"].scores, atol=API_ATOL, rtol=0)
+    assert not torch.equal(api["knn_features"].indices, api["knn"].indices)  # another index, other candidates
+    assert torch.equal(column(table, "train_index").reshape(12, 6), api["knn_features"].indices)
+    torch.testing.assert_close(column(table, "score").reshape(12, 6), api["knn_features"].scores, atol=API_ATOL, rtol=0)
 
 
 def test_stopped_run_resumes_without_recomputing(bert_on_disk, api, tmp_path):
