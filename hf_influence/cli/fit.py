@@ -55,8 +55,10 @@ def run_fit(model_args: ModelArguments, data_args: DataArguments, inf_args: Infl
 def _fit_and_save(run: Session, hessian, args: FitArguments) -> dict:
     """The spectrum (optional) and the basis, saved by the main process; the figures for the config file."""
     inf: Influence = run.inf
-    spectrum = inf.spectrum(hessian, iterations=args.spectrum_iterations, trace_matvecs=args.trace_matvecs) if args.spectrum else None
-    basis = inf.fit_basis(hessian, **dataclasses.asdict(pick(args, BasisConfig)), data_parallel=run.accelerator is not None)
+    data_parallel = run.accelerator is not None  # every process takes its share of the Hessian batches
+    spectrum = (inf.spectrum(hessian, iterations=args.spectrum_iterations, trace_matvecs=args.trace_matvecs, data_parallel=data_parallel)
+                if args.spectrum else None)
+    basis = inf.fit_basis(hessian, **dataclasses.asdict(pick(args, BasisConfig)), data_parallel=data_parallel)
     path = basis_save_path(run.output_dir)
     if run.is_main:
         basis.save(path)

@@ -71,9 +71,9 @@ class ScoreArguments:
     knn: int | None = field(default=None, metadata={"help": "pairwise only: score each test row against its k nearest "
                                                             "training rows in the model's embedding space (FastIF)."})
     knn_embedding: str | None = field(default=None, metadata={
-        "help": "kNN features: classifier_input (FastIF's, the default for classifiers), encoder_mean, last_hidden_mean, "
-                "or head_gradient (the head's loss gradient, searched with the preconditioned test gradient: far "
-                "higher recall of the true top influences; needs test labels)."})
+        "help": "kNN features: head_gradient (the default for classifiers: the head's loss gradient, searched with the "
+                "preconditioned test gradient, far higher recall of the true top influences; needs test labels), "
+                "classifier_input (FastIF's features), encoder_mean (seq2seq default) or last_hidden_mean (causal LM default)."})
     knn_metric: str | None = field(default=None, metadata={
         "help": "kNN index metric: l2, ip, cosine or abs_ip (default: abs_ip for head_gradient, else l2)."})
 

@@ -124,8 +124,8 @@ def sharded_scores(
     scores (the test features are recomputed for every shard: keep shards large next to the test
     set); with ``knn=k`` the test rows are partitioned (each shard holds the ``[rows, k]`` scores
     and candidate indices), and every rank builds the same exact kNN index once, over
-    ``knn_embedding`` with ``knn_metric`` (see `hf_influence.knn.build_index`; defaults: FastIF's
-    classifier input with L2). Other arguments as in :func:`sharded_self_influence`.
+    ``knn_embedding`` with ``knn_metric`` (see `hf_influence.knn.build_index`; defaults: the
+    model class's embedding, the head gradient for classifiers). Other arguments as in :func:`sharded_self_influence`.
 
     Returns:
         `ShardedScores` whose ``scores`` is ``[n_test, n_train]`` (``g_testᵀ (H + λI)^-1 g_train``,

@@ -29,6 +29,7 @@ from .._utils.errors import CorruptShardError, DamagedArtifactError, Incompatibl
 from .._utils.io import (
     check_writable_dir, damaged_artifact, read_json_artifact, read_tensors_artifact, save_tensors, write_json_artifact,
 )
+from .._utils.memory import release_memory
 from .processes import StopRequests, broadcast_from_main, is_main_process, wait_for_everyone
 
 logger = logging.get_logger(__name__)
@@ -176,6 +177,8 @@ def compute_shards(
             if done == 1:
                 _write_request(plan)
             save_shard(plan, shard, tensors)
+            del tensors
+            release_memory()  # freed per-shard buffers go back to the OS at each shard boundary (flat memory in N)
             if stop.received is not None:
                 raise RunInterrupted(
                     f"Stopped by {stop.received} after shard {shard}: this process saved {done} of its {len(mine)} shard(s) "

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..._utils import comm
+from ..._utils.memory import ResidentGuard
 from ..._utils.errors import InvalidInputError
 from ...data import Batch, batch_size_of
 from .base import fix_signs
@@ -40,15 +41,25 @@ def fisher_eigenpairs(grad_fn: GradFn, batches: Sequence[Batch], rank: int, acro
 def fisher_rows(grad_fn: GradFn, batches: Sequence[Batch], across_processes: bool = False, progress: bool = True) -> torch.Tensor:
     """Per-example gradients of every example in ``batches``, in batch order: ``[n, P]``."""
     if not across_processes or comm.world_size() == 1:
-        return torch.cat([grad_fn(b) for b in tqdm(batches, desc="Fisher gradients", disable=not progress)])
+        return _gradients(grad_fn, batches, progress)
     comm.check_same_everywhere([batch_size_of(b) for b in batches], "Hessian data (examples per batch)")
     if len(batches) < comm.world_size():
         raise InvalidInputError(f"A data-parallel Fisher fit needs at least one Hessian batch per process: {len(batches)} batches for "
                                 f"{comm.world_size()} processes. Pass more Hessian examples or a smaller batch_size.")
     mine = comm.local_share(range(len(batches)))
-    local = torch.cat([grad_fn(batches[i]) for i in tqdm(mine, desc="Fisher gradients", disable=not progress)])
+    local = _gradients(grad_fn, [batches[i] for i in mine], progress)
     gathered = comm.all_gather_rows(local)  # rank 0's batches, then rank 1's, ...
     return gathered[_batch_order(batches)]
+
+
+def _gradients(grad_fn: GradFn, batches: Sequence[Batch], progress: bool) -> torch.Tensor:
+    """``grad_fn`` of each batch, concatenated; freed per-batch buffers go back to the OS as the pass grows (see
+    `hf_influence._utils.memory.ResidentGuard`), so resident memory tracks the rows kept, not the batches seen."""
+    guard, rows = ResidentGuard(), []
+    for batch in tqdm(batches, desc="Fisher gradients", disable=not progress):
+        rows.append(grad_fn(batch))
+        guard.check()
+    return torch.cat(rows)
 
 
 def _batch_order(batches: Sequence[Batch]) -> torch.Tensor:

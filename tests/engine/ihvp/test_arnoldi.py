@@ -65,5 +65,5 @@ def test_arnoldi_recovers_a_known_spectrum():
 
 
 def test_rank_above_iterations_is_refused(bert_oracle):
-    with pytest.raises(ValueError, match="rank <= iterations"):
+    with pytest.raises(ValueError, match="rank must be <= iterations"):
         bert_oracle["inf"].fit_arnoldi(bert_oracle["train"], rank=30, iterations=20)
