@@ -1,0 +1,113 @@
+"""Per-example gradients by module hooks equal vmap's (fp64, padded batches), and so do the scores built on them."""
+
+import pytest
+import torch
+
+import hf_influence as hfi
+from hf_influence._utils.errors import InvalidInputError
+from hf_influence.data import PaddingCollator
+from hf_influence.engine import hooks
+from hf_influence.engine.grads import LossFunction, eval_mode, per_example_grad_tensors
+from hf_influence.params import select_parameters
+from hf_influence.tasks import infer_task
+from tests import utils
+
+HOOKS_RTOL = 1e-10  # fp64, relative to the largest gradient entry (key biases have exactly-zero gradients in theory)
+
+CASES = {  # name: (builder, data, selection kwargs)
+    "bert": (utils.tiny_bert, utils.classification_dataset, {}),
+    "bert-last-layer": (utils.tiny_bert, utils.classification_dataset, {"last_n_layers": 1}),
+    "marian": (utils.tiny_marian, utils.seq2seq_dataset, {}),
+    # T5's RMS norm and relative position bias are not hookable: the rest of T5 is.
+    "t5-linear": (utils.tiny_t5, utils.seq2seq_dataset, {"params": [r"\.(q|k|v|o|wi|wo)\.weight$", "shared", "lm_head"]}),
+    "gpt2": (utils.tiny_gpt2, utils.lm_dataset, {}),
+    "gpt2-classifier": (utils.tiny_gpt2_classifier, utils.classification_dataset, {}),
+}
+
+
+def _setup(build, make_data, selecting, n=6):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    dataset = make_data(n)
+    selection = select_parameters(model, **selecting)
+    batch = PaddingCollator()([dataset[i] for i in range(n)])
+    assert (batch["attention_mask"] == 0).any()  # lengths differ: padding is in play
+    return model, selection, LossFunction(model, infer_task(model), selection), batch
+
+
+def _relative_gap(ours: dict, reference: dict) -> float:
+    scale = max(float(reference[n].abs().max()) for n in reference)
+    return max(float((ours[n] - reference[n]).abs().max()) for n in reference) / scale
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hooks_match_vmap_with_padding(name):
+    model, selection, loss_fn, batch = _setup(*CASES[name])
+    params = selection.tensors(model)
+    assert hooks.hook_plan(loss_fn, params) is not None
+    flags = [p.requires_grad for p in model.parameters()]
+    with eval_mode(model):
+        ours = per_example_grad_tensors(loss_fn, params, batch, mode="hooks")
+        reference = per_example_grad_tensors(loss_fn, params, batch, mode="vmap")
+    assert set(ours) == set(selection.names)
+    assert _relative_gap(ours, reference) <= HOOKS_RTOL
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored
+
+
+def test_auto_uses_hooks_where_supported_and_vmap_elsewhere():
+    model, selection, loss_fn, batch = _setup(utils.tiny_t5, utils.seq2seq_dataset, {})
+    params = selection.tensors(model)
+    assert hooks.hook_plan(loss_fn, params) is None  # T5LayerNorm, relative_attention_bias
+    with eval_mode(model):
+        auto = per_example_grad_tensors(loss_fn, params, batch)
+        reference = per_example_grad_tensors(loss_fn, params, batch, mode="vmap")
+        with pytest.raises(InvalidInputError, match="mode='vmap'"):
+            per_example_grad_tensors(loss_fn, params, batch, mode="hooks")
+    assert loss_fn.hooks_ok is None and loss_fn.vmap_ok and _relative_gap(auto, reference) == 0.0
+    model, selection, loss_fn, batch = _setup(*CASES["gpt2"])
+    with eval_mode(model):
+        per_example_grad_tensors(loss_fn, selection.tensors(model), batch)
+    assert loss_fn.hooks_ok is True  # verified against vmap on the first batch
+
+
+def test_auto_falls_back_when_hooks_disagree(monkeypatch):
+    """A parameter also used outside its module would make hooks wrong: the first-batch check catches it."""
+    model, selection, loss_fn, batch = _setup(*CASES["bert-last-layer"])
+    params = selection.tensors(model)
+    with eval_mode(model):
+        reference = per_example_grad_tensors(loss_fn, params, batch, mode="vmap")
+        real = hooks._accumulate
+        monkeypatch.setattr(hooks, "_accumulate", lambda module, roles, a, g, grads: real(module, roles, a, 2 * g, grads))
+        auto = per_example_grad_tensors(loss_fn, params, batch)
+        reference = per_example_grad_tensors(loss_fn, params, batch, mode="vmap")
+    assert loss_fn.hooks_ok is False
+    assert _relative_gap(auto, reference) == 0.0
+
+
+@pytest.mark.parametrize("selecting", [{}, {"last_n_layers": 1}])
+def test_scores_unchanged_by_hooks(selecting):
+    torch.manual_seed(0)
+    model = utils.tiny_bert().double().eval()
+    train = utils.classification_dataset(10)
+    results = {}
+    for path in ("hooks", "vmap"):
+        inf = hfi.Influence(model, batch_size=4, progress=False, **selecting)
+        if path == "vmap":
+            inf.train_loss.hooks_ok = inf.test_loss.hooks_ok = False
+        basis = inf.fit_arnoldi(train, rank=4, iterations=8)
+        results[path] = (inf.self_influence(train, method="tracin"), inf.self_influence(train, method="arnoldi", basis=basis))
+        assert inf.train_loss.hooks_ok is (True if path == "hooks" else False)
+    for ours, reference in zip(results["hooks"], results["vmap"]):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=0)
+
+
+def test_half_precision_keeps_vmap_unless_asked():
+    model, selection, loss_fn, batch = _setup(*CASES["bert-last-layer"])
+    model.to(torch.bfloat16)
+    params = selection.tensors(model)
+    with eval_mode(model):
+        auto = per_example_grad_tensors(loss_fn, params, batch)
+        reference = per_example_grad_tensors(loss_fn, params, batch, mode="vmap")
+        asked = per_example_grad_tensors(loss_fn, params, batch, mode="hooks")
+    assert loss_fn.hooks_ok is None and _relative_gap(auto, reference) == 0.0
+    assert asked[selection.names[0]].dtype == torch.float32 and 0 < _relative_gap(asked, reference) < 0.05
