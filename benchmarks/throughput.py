@@ -5,8 +5,9 @@
 Both run on the same model, batch and machine in one process, alternating rounds; medians are
 reported. Both read the same ``datasets.Dataset`` through the same padding ``DataLoader``.
 The training step is forward + backward + AdamW step; scoring is the per-batch work of
-``Influence.self_influence(method="arnoldi")`` (per-example gradients projected onto a fitted
-basis). Basis fitting is a one-off cost, reported apart: once per solver (``algorithm="arnoldi"``,
+``Influence.self_influence`` with ``method="arnoldi"`` (per-example gradients projected onto a fitted
+basis) and ``method="tracin"`` (squared per-example gradient norms), each with per-example gradients
+from module hooks (the default for fp32) and from vmap (``engine/grads.py``), plus Arnoldi by JVPs. Basis fitting is a one-off cost, reported apart: once per solver (``algorithm="arnoldi"``,
 one HVP per pass, and ``"block"``, a block of HVPs per pass), alternating, medians of ``--fit-rounds``.
 """
 
@@ -52,10 +53,16 @@ def time_training(model, data, args) -> float:
     return time.perf_counter() - start
 
 
-def time_scoring(inf, data, basis) -> float:
+def time_scoring(inf, data, basis, method: str = "arnoldi") -> float:
     start = time.perf_counter()
-    inf.self_influence(data, method="arnoldi", basis=basis)
+    inf.self_influence(data, method=method, basis=basis if method == "arnoldi" else None)
     return time.perf_counter() - start
+
+
+def vmap_only(inf):
+    """``inf`` with its per-example gradients taken by vmap instead of module hooks."""
+    inf.train_loss.hooks_ok = inf.test_loss.hooks_ok = False
+    return inf
 
 
 def time_fits(inf, hessian, args) -> tuple[dict[str, float], dict]:
@@ -96,22 +103,34 @@ def main() -> None:
     if args.fit_only:
         return report_fits(inf, fit_seconds, bases, args)
     basis = bases["arnoldi"]
-    jvp = hfi.Influence(scored, batch_size=args.batch_size, projection="jvp", progress=False)
-
-    time_training(model, data, args), time_scoring(inf, data, basis)  # warm-up
-    train_s, score_s, jvp_s = [], [], []
-    for _ in range(args.rounds):
+    make = lambda **kw: hfi.Influence(scored, params=args.params, last_n_layers=args.last_n_layers,  # noqa: E731
+                                      batch_size=args.batch_size, progress=False, **kw)
+    vmap = vmap_only(make())
+    sides = {  # label: (influence, method)
+        "arnoldi self-influence (hooks)": (inf, "arnoldi"),
+        "arnoldi self-influence (vmap)": (vmap, "arnoldi"),
+        "arnoldi self-influence (jvp)": (make(projection="jvp"), "arnoldi"),
+        "tracin self-influence (hooks)": (inf, "tracin"),
+        "tracin self-influence (vmap)": (vmap, "tracin"),
+    }
+    time_training(model, data, args)  # warm-up (the hooks' first batch is also checked against vmap here)
+    for scorer, method in sides.values():
+        time_scoring(scorer, data, basis, method)
+    assert inf.train_loss.hooks_ok, "module hooks were not used for this selection"
+    train_s, score_s = [], {label: [] for label in sides}
+    for _ in range(args.rounds):  # alternating rounds
         train_s.append(time_training(model, data, args))
-        score_s.append(time_scoring(inf, data, basis))
-        jvp_s.append(time_scoring(jvp, data, basis))
+        for label, (scorer, method) in sides.items():
+            score_s[label].append(time_scoring(scorer, data, basis, method))
     n = len(data)
-    train_eps, score_eps, jvp_eps = (n / statistics.median(s) for s in (train_s, score_s, jvp_s))
+    train_eps = n / statistics.median(train_s)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, BERT hidden={args.hidden} layers={args.layers} "
           f"seq_len={args.seq_len} batch={args.batch_size}, P={inf.selection.num_params:,} parameters, rank={args.rank}")
     print(f"{'':38s}{'examples/s':>12s}{'ratio':>8s}")
     print(f"{'training step (fwd+bwd+AdamW)':38s}{train_eps:12.1f}{1.0:8.2f}")
-    print(f"{'arnoldi self-influence (auto=grads)':38s}{score_eps:12.1f}{score_eps / train_eps:8.2f}")
-    print(f"{'arnoldi self-influence (jvp)':38s}{jvp_eps:12.1f}{jvp_eps / train_eps:8.2f}")
+    for label, seconds in score_s.items():
+        eps = n / statistics.median(seconds)
+        print(f"{label:38s}{eps:12.1f}{eps / train_eps:8.2f}")
     report_fits(inf, fit_seconds, bases, args)
 
 

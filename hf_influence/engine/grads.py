@@ -14,7 +14,7 @@ from transformers.utils import logging
 from ..data import Batch, additive_mask, batch_size_of, slice_batch
 from ..params import ParamSelection
 from .._utils.errors import InvalidInputError, NonFiniteError
-from .hooks import UnsupportedForHooks, hook_grads, hook_plan
+from .hooks import FlatGrads, UnsupportedForHooks, hook_grads, hook_plan
 
 logger = logging.get_logger(__name__)
 Params = dict[str, torch.Tensor]
@@ -105,6 +105,8 @@ def per_example_grads(
     example, ``"auto"`` follows the rule of :func:`per_example_grad_tensors`. All give the same numbers.
     """
     grads = per_example_grad_tensors(loss_fn, params, batch, chunk_size, mode)
+    if isinstance(grads, FlatGrads):  # hooks wrote them into one [B, P] buffer already
+        return grads.flat
     return loss_fn.selection.flatten(grads, batch_dims=1).to(accumulation_dtype(params))
 
 

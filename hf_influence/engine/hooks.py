@@ -70,7 +70,75 @@ def hook_plan(loss_fn: LossFunction, params: Params) -> dict[nn.Module, dict[str
     return plan if covered == set(loss_fn.selection.names) else None
 
 
-def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> Params:
+class FlatGrads(dict):
+    """Per-example gradients by name, each ``[B, *shape]``, all views of one ``flat`` ``[B, P]`` buffer in
+    the selection's order (so flattening them copies nothing)."""
+
+    def __init__(self, flat: torch.Tensor, views: Params):
+        super().__init__(views)
+        self.flat = flat
+        self.written: set[str] = set()
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        """Add ``value`` (``[B, *shape]``) to ``name``'s gradients (the first write copies: the buffer starts empty)."""
+        target = self[name]
+        if name in self.written:
+            target.add_(value.reshape(target.shape))
+        else:
+            target.copy_(value.reshape(target.shape))
+            self.written.add(name)
+
+    def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
+        """Embedding rows: scatter-add ``g`` ``[B, T, D]`` into the rows ``ids`` ``[B, T]``; ``padding_idx``'s row stays 0."""
+        target = self.zeroed(name)
+        target.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
+        if padding_idx is not None:
+            target[:, padding_idx] = 0
+
+    def zeroed(self, name: str) -> torch.Tensor:
+        """``name``'s gradients, set to zero on first use (for scatter-adds)."""
+        if name not in self.written:
+            self[name].zero_()
+            self.written.add(name)
+        return self[name]
+
+
+class Projections:
+    """Per-example gradients projected on directions module by module: ``total`` ``[B, p̄]``, with no
+    per-example gradient of the whole selection ever held (an embedding's is never formed: the directions'
+    rows are gathered at the input ids). ``columns`` holds the directions as ``{name: [*shape, p̄]}``
+    (contiguous, see :func:`_columns`)."""
+
+    def __init__(self, columns: Params, size: int, rank: int, dtype: torch.dtype, device: torch.device):
+        self.columns = columns
+        self.total = torch.zeros((size, rank), dtype=dtype, device=device)
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        u = self.columns[name]
+        self.total += value.reshape(value.shape[0], -1) @ u.reshape(-1, u.shape[-1])
+
+    def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
+        if padding_idx is not None:
+            g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
+        rows = self.columns[name][ids.reshape(-1)]  # [B·T, D, p̄]
+        per_token = torch.bmm(g.reshape(-1, 1, g.shape[-1]), rows).reshape(g.shape[0], -1, rows.shape[-1])
+        self.total += per_token.sum(dim=1)
+
+
+_COLUMNS: list = [None, None, None]  # the last directions seen, their version, and their columns (reused across batches)
+
+
+def _columns(loss_fn: LossFunction, directions: torch.Tensor, dtype: torch.dtype) -> Params:
+    """``directionsᵀ`` (``[P, p̄]``) made contiguous once per directions tensor and split by parameter."""
+    if _COLUMNS[0] is not directions or _COLUMNS[1] != directions._version:
+        flat = directions.to(dtype).T.contiguous()
+        pieces = torch.split(flat, loss_fn.selection.numels, dim=0)
+        _COLUMNS[:] = [directions, directions._version,
+                       {n: p.view(*shape, -1) for n, p, shape in zip(loss_fn.selection.names, pieces, loss_fn.selection.shapes)}]
+    return _COLUMNS[2]
+
+
+def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> FlatGrads:
     """Per-example gradients ``{name: [B, *shape]}`` of the selected parameters, from one forward and one backward,
     in fp32 (fp64 for fp64 models; the forward and backward run in the model's dtype).
 
@@ -78,6 +146,31 @@ def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[n
     parameters requiring grad, in whatever train/eval mode the caller set (callers use ``eval_mode``).
     Raises :class:`UnsupportedForHooks` when a hooked module sees an input without the batch leading.
     """
+    calls, out_grads, dtype = _hooked_pass(loss_fn, batch, plan)
+    size = batch_size_of(batch)
+    flat = torch.empty((size, loss_fn.selection.num_params), dtype=dtype, device=next(iter(params.values())).device)
+    grads = FlatGrads(flat, loss_fn.selection.unflatten(flat))
+    for (module, inputs, _), out_grad in zip(calls, out_grads):
+        if out_grad is not None:
+            _accumulate(module, plan[module], inputs, out_grad.to(dtype), grads)
+    for name in loss_fn.selection.names:  # a parameter whose outputs did not reach the loss
+        grads.zeroed(name)
+    return grads
+
+
+def hook_projections(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict[str, str]], directions: torch.Tensor) -> torch.Tensor:
+    """``[B, p̄]``: each example's gradient times ``directionsᵀ`` (``[p̄, P]``), from one forward and backward,
+    projected module by module (see :class:`Projections`); fp32 (fp64 for fp64 models)."""
+    calls, out_grads, dtype = _hooked_pass(loss_fn, batch, plan)
+    sink = Projections(_columns(loss_fn, directions, dtype), batch_size_of(batch), directions.shape[0], dtype, directions.device)
+    for (module, inputs, _), out_grad in zip(calls, out_grads):
+        if out_grad is not None:
+            _accumulate(module, plan[module], inputs, out_grad.to(dtype), sink)
+    return sink.total
+
+
+def _hooked_pass(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> tuple[list, list, torch.dtype]:
+    """One forward and backward: per hooked call ``(module, input, output)``, its output gradient, and the accumulation dtype."""
     model, size = loss_fn.module.model, batch_size_of(batch)
     calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []  # per call: module, input, output
     named = dict(model.named_parameters())
@@ -92,13 +185,7 @@ def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[n
             losses = loss_fn.module(batch).reshape(-1)
             # Only the output gradients are asked for: autograd skips the (summed) parameter gradients.
             out_grads = torch.autograd.grad(losses.sum(), [output for _, _, output in calls], allow_unused=True) if calls else []
-    dtype = torch.promote_types(leaves[0].dtype, torch.float32)  # products summed over tokens in fp32 at least
-    grads: Params = {name: torch.zeros((size, *params[name].shape), dtype=dtype, device=params[name].device)
-                     for name in loss_fn.selection.names}
-    for (module, inputs, _), out_grad in zip(calls, out_grads):
-        if out_grad is not None:
-            _accumulate(module, plan[module], inputs, out_grad, grads)
-    return grads
+    return calls, list(out_grads), torch.promote_types(leaves[0].dtype, torch.float32)  # products summed in fp32 at least
 
 
 def _recorder(calls: list, size: int):
@@ -124,30 +211,27 @@ def _batch_expander(size: int):
     return hook
 
 
-def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, out_grad: torch.Tensor, grads: Params) -> None:
-    size, dtype = out_grad.shape[0], next(iter(grads.values())).dtype
-    g = out_grad.reshape(size, -1, out_grad.shape[-1]).to(dtype)  # [B, T, out]
-    inputs = inputs if isinstance(module, nn.Embedding) else inputs.to(dtype)
+def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, out_grad: torch.Tensor, grads: FlatGrads | Projections) -> None:
+    size = out_grad.shape[0]
+    g = out_grad.reshape(size, -1, out_grad.shape[-1])  # [B, T, out]
     if "bias" in roles:
-        grads[roles["bias"]] += g.sum(dim=1).to(grads[roles["bias"]].dtype)
+        grads.put(roles["bias"], g.sum(dim=1))
     if "weight" not in roles:
         return
-    target = grads[roles["weight"]]
+    name = roles["weight"]
     if isinstance(module, nn.Embedding):
-        ids = inputs.reshape(size, -1)  # [B, T]
-        target.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g.to(target.dtype))
-        if module.padding_idx is not None:
-            target[:, module.padding_idx] = 0
+        grads.lookup(name, inputs.reshape(size, -1), g, module.padding_idx)
         return
+    inputs = inputs.to(g.dtype)
     if isinstance(module, nn.LayerNorm):
         normed = F.layer_norm(inputs, module.normalized_shape, None, None, module.eps)
-        target += (g * normed.reshape_as(g)).sum(dim=1).reshape_as(target).to(target.dtype)
+        grads.put(name, (g * normed.reshape_as(g)).sum(dim=1))
         return
     a = inputs.reshape(size, -1, inputs.shape[-1])  # [B, T, in]
     if isinstance(module, Conv1D):  # weight [in, out]
-        target += torch.bmm(a.transpose(1, 2), g).to(target.dtype)
+        grads.put(name, torch.bmm(a.transpose(1, 2), g))
     else:  # nn.Linear, weight [out, in]
-        target += torch.bmm(g.transpose(1, 2), a).to(target.dtype)
+        grads.put(name, torch.bmm(g.transpose(1, 2), a))
 
 
 @contextlib.contextmanager

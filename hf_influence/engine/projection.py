@@ -14,6 +14,7 @@ from torch.func import jvp, vmap
 
 from ..data import Batch
 from .grads import LossFunction, Params, accumulation_dtype, per_example_grad_tensors
+from .hooks import hook_plan, hook_projections
 
 ProjectionMode = Literal["auto", "jvp", "grads"]
 
@@ -31,8 +32,13 @@ def project_by_grads(
 ) -> torch.Tensor:
     """``[B, p̄]``: per-example gradients ``[B, P]`` times ``directionsᵀ`` ``[P, p̄]``.
 
-    Accumulated parameter by parameter, so the ``[B, P]`` matrix is never concatenated.
+    Accumulated parameter by parameter, so the ``[B, P]`` matrix is never concatenated. Once module hooks
+    have passed their first-batch check on this ``loss_fn`` (the rule in ``per_example_grad_tensors``),
+    the projection is taken module by module in the hooked pass (:func:`~.hooks.hook_projections`).
     """
+    plan = hook_plan(loss_fn, params) if loss_fn.hooks_ok else None
+    if plan is not None:
+        return hook_projections(loss_fn, batch, plan, directions)
     dtype = accumulation_dtype(params)
     grads = per_example_grad_tensors(loss_fn, params, batch, chunk_size=chunk_size)
     pieces = loss_fn.selection.unflatten(directions.to(dtype))  # each [p̄, *shape]

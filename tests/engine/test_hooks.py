@@ -8,6 +8,7 @@ from hf_influence._utils.errors import InvalidInputError
 from hf_influence.data import PaddingCollator
 from hf_influence.engine import hooks
 from hf_influence.engine.grads import LossFunction, eval_mode, per_example_grad_tensors
+from hf_influence.engine.projection import project_by_grads
 from hf_influence.params import select_parameters
 from hf_influence.tasks import infer_task
 from tests import utils
@@ -111,3 +112,18 @@ def test_half_precision_keeps_vmap_unless_asked():
         asked = per_example_grad_tensors(loss_fn, params, batch, mode="hooks")
     assert loss_fn.hooks_ok is None and _relative_gap(auto, reference) == 0.0
     assert asked[selection.names[0]].dtype == torch.float32 and 0 < _relative_gap(asked, reference) < 0.05
+
+
+@pytest.mark.parametrize("name", ["bert", "marian", "gpt2"])
+def test_projections_by_hooks_match_vmap(name):
+    """Module-by-module projections (an embedding's by gathering rows at the ids, padding row excluded) equal
+    vmap's per-example gradients times the directions."""
+    model, selection, loss_fn, batch = _setup(*CASES[name])
+    params = selection.tensors(model)
+    directions = torch.randn(5, selection.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with eval_mode(model):
+        reference = project_by_grads(loss_fn, params, batch, directions)  # hooks not verified yet: vmap
+        per_example_grad_tensors(loss_fn, params, batch)  # the first-batch check
+        assert loss_fn.hooks_ok is True
+        ours = project_by_grads(loss_fn, params, batch, directions)
+    assert float((ours - reference).abs().max() / reference.abs().max()) <= HOOKS_RTOL
