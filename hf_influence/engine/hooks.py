@@ -138,6 +138,51 @@ def _columns(loss_fn: LossFunction, directions: torch.Tensor, dtype: torch.dtype
     return _COLUMNS[2]
 
 
+class SquaredNorms:
+    """``‖∇L_b‖²`` per example, module by module: a parameter reached by one call adds the squared norm of its
+    per-example gradient (an embedding's from the token pairs that share an id, never forming it); one reached
+    by several calls (GPT-2's tied ``wte`` / ``lm_head``, T5's shared embedding) is summed over its calls first."""
+
+    def __init__(self, calls_per_name: dict[str, int], shapes: dict[str, tuple], size: int, dtype: torch.dtype, device: torch.device):
+        self.calls_per_name, self.shapes, self.pending = calls_per_name, shapes, {}
+        self.total = torch.zeros(size, dtype=dtype, device=device)
+
+    def put(self, name: str, value: torch.Tensor) -> None:
+        if self.calls_per_name[name] == 1:
+            self.total += value.reshape(value.shape[0], -1).pow(2).sum(dim=1)
+        else:
+            self.pending[name] = value if name not in self.pending else self.pending[name] + value
+
+    def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
+        if padding_idx is not None:
+            g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
+        if self.calls_per_name[name] == 1:  # Σ_{t,s: id_t = id_s} g_t · g_s
+            self.total += (torch.bmm(g, g.transpose(1, 2)) * (ids.unsqueeze(2) == ids.unsqueeze(1))).sum(dim=(1, 2))
+            return
+        dense = torch.zeros((g.shape[0], *self.shapes[name]), dtype=g.dtype, device=g.device)
+        dense.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
+        self.put(name, dense)
+
+    def result(self) -> torch.Tensor:
+        return self.total + sum((v.reshape(v.shape[0], -1).pow(2).sum(dim=1) for v in self.pending.values()), torch.zeros_like(self.total))
+
+
+def hook_squared_norms(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> torch.Tensor:
+    """``[B]``: each example's squared gradient norm over the selection (TracIn self-influence), from one forward
+    and backward, without forming the ``[B, P]`` per-example gradients (see :class:`SquaredNorms`)."""
+    calls, out_grads, dtype = _hooked_pass(loss_fn, batch, plan)
+    counts: dict[str, int] = {}
+    for (module, _, _), out_grad in zip(calls, out_grads):
+        for name in plan[module].values() if out_grad is not None else ():
+            counts[name] = counts.get(name, 0) + 1
+    shapes = dict(zip(loss_fn.selection.names, loss_fn.selection.shapes))
+    sink = SquaredNorms(counts, shapes, batch_size_of(batch), dtype, out_grads[0].device if out_grads else None)
+    for (module, inputs, _), out_grad in zip(calls, out_grads):
+        if out_grad is not None:
+            _accumulate(module, plan[module], inputs, out_grad.to(dtype), sink)
+    return sink.result()
+
+
 def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> FlatGrads:
     """Per-example gradients ``{name: [B, *shape]}`` of the selected parameters, from one forward and one backward,
     in fp32 (fp64 for fp64 models; the forward and backward run in the model's dtype).
@@ -211,7 +256,7 @@ def _batch_expander(size: int):
     return hook
 
 
-def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, out_grad: torch.Tensor, grads: FlatGrads | Projections) -> None:
+def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, out_grad: torch.Tensor, grads: FlatGrads | Projections | SquaredNorms) -> None:
     size = out_grad.shape[0]
     g = out_grad.reshape(size, -1, out_grad.shape[-1])  # [B, T, out]
     if "bias" in roles:

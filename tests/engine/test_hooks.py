@@ -7,7 +7,7 @@ import hf_influence as hfi
 from hf_influence._utils.errors import InvalidInputError
 from hf_influence.data import PaddingCollator
 from hf_influence.engine import hooks
-from hf_influence.engine.grads import LossFunction, eval_mode, per_example_grad_tensors
+from hf_influence.engine.grads import LossFunction, eval_mode, per_example_grad_tensors, per_example_grads
 from hf_influence.engine.projection import project_by_grads
 from hf_influence.params import select_parameters
 from hf_influence.tasks import infer_task
@@ -127,3 +127,18 @@ def test_projections_by_hooks_match_vmap(name):
         assert loss_fn.hooks_ok is True
         ours = project_by_grads(loss_fn, params, batch, directions)
     assert float((ours - reference).abs().max() / reference.abs().max()) <= HOOKS_RTOL
+
+
+@pytest.mark.parametrize("name", ["bert", "marian", "t5-linear", "gpt2", "gpt2-low-ids"])
+def test_squared_norms_by_hooks_match_vmap(name):
+    """Squared per-example gradient norms (TracIn self-influence) without forming the gradients, including
+    parameters reached by several calls (Marian's, T5's and GPT-2's embeddings tied to the LM head; with
+    ``low-ids`` the batch uses only the first half of the vocabulary)."""
+    model, selection, loss_fn, batch = _setup(*CASES[name.removesuffix("-low-ids")])
+    if name.endswith("low-ids"):
+        batch = {**batch, "input_ids": batch["input_ids"] % (utils.VOCAB // 2)}
+    params = selection.tensors(model)
+    with eval_mode(model):
+        reference = per_example_grads(loss_fn, params, batch, mode="vmap").pow(2).sum(dim=1)
+        ours = hooks.hook_squared_norms(loss_fn, batch, hooks.hook_plan(loss_fn, params))
+    torch.testing.assert_close(ours, reference, rtol=HOOKS_RTOL, atol=0)
