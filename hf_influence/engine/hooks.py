@@ -125,17 +125,16 @@ class Projections:
         self.total += per_token.sum(dim=1)
 
 
-_COLUMNS: list = [None, None, None]  # the last directions seen, their version, and their columns (reused across batches)
-
-
 def _columns(loss_fn: LossFunction, directions: torch.Tensor, dtype: torch.dtype) -> Params:
-    """``directionsᵀ`` (``[P, p̄]``) made contiguous once per directions tensor and split by parameter."""
-    if _COLUMNS[0] is not directions or _COLUMNS[1] != directions._version:
+    """``directionsᵀ`` (``[P, p̄]``) made contiguous once per directions tensor and split by parameter; kept on
+    ``loss_fn`` (the last directions seen, their version, their columns), so it lives as long as its `Influence`."""
+    cache = loss_fn.projection_columns
+    if cache[0] is not directions or cache[1] != directions._version:
         flat = directions.to(dtype).T.contiguous()
         pieces = torch.split(flat, loss_fn.selection.numels, dim=0)
-        _COLUMNS[:] = [directions, directions._version,
-                       {n: p.view(*shape, -1) for n, p, shape in zip(loss_fn.selection.names, pieces, loss_fn.selection.shapes)}]
-    return _COLUMNS[2]
+        cache[:] = [directions, directions._version,
+                    {n: p.view(*shape, -1) for n, p, shape in zip(loss_fn.selection.names, pieces, loss_fn.selection.shapes)}]
+    return cache[2]
 
 
 class SquaredNorms:
