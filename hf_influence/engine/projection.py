@@ -41,6 +41,10 @@ def project_by_grads(
         return hook_projections(loss_fn, batch, plan, directions)
     dtype = accumulation_dtype(params)
     grads = per_example_grad_tensors(loss_fn, params, batch, chunk_size=chunk_size)
+    if loss_fn.hooks_ok and hook_plan(loss_fn, params) is not None:
+        # this batch ran the hooks' first-use check: project it the way every later batch is projected, so that a
+        # row's features do not depend on which batch came first (a resumed run equals a fresh one bit for bit)
+        return hook_projections(loss_fn, batch, hook_plan(loss_fn, params), directions)
     pieces = loss_fn.selection.unflatten(directions.to(dtype))  # each [p̄, *shape]
     total = None
     for name, g in grads.items():
