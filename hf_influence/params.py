@@ -10,7 +10,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -160,3 +160,9 @@ def _last_layers_filter(model: nn.Module, k: int):
         return not any(name.startswith(e) for e in embeddings)
 
     return keep
+
+
+def weights_version(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple:
+    """Name, identity and in-place version counter of each tensor: changes whenever one is replaced or changed in place,
+    so a check that hashed the weights once (an index's compatibility) is redone only when they change."""
+    return tuple((name, id(tensor), tensor._version) for name, tensor in named_tensors)

@@ -21,6 +21,7 @@ from .._utils.errors import InvalidInputError
 from .._utils.imports import require_faiss
 from ..engine.grads import eval_mode
 from ..engine.scoring import collect_features
+from ..params import weights_version
 from .store import InfluenceIndex
 
 logger = logging.get_logger(__name__)
@@ -129,7 +130,7 @@ def query_features(inf: Any, index: InfluenceIndex, test_data: Any) -> torch.Ten
 def _check_model(inf: Any, index: InfluenceIndex) -> None:
     """`InfluenceIndex.check_compatible` against ``inf``'s model and selection; hashing the weights costs a pass over them,
     so a model is checked again only when a selected tensor is replaced or changed in place (its version counter)."""
-    version = tuple((name, id(tensor), tensor._version) for name, tensor in inf._params().items())
+    version = weights_version(inf._params().items())
     if any(model is inf.model and seen == version for model, seen in index._verified):
         return
     index.check_compatible(type(inf.model).__name__, list(inf.selection.names), inf.selection.fingerprint(inf.model))

@@ -22,7 +22,7 @@ from .._utils.errors import InvalidInputError, StaleIndexError
 from .._utils.imports import require_faiss
 from .._utils.io import damaged_artifact, read_tensors_artifact, save_tensors
 from ..data import check_in_order, dataset_fingerprint, dataset_of
-from ..params import select_parameters
+from ..params import select_parameters, weights_version
 from .embeddings import EMBEDDINGS, Embedding, EmbedFn, compute_embeddings, resolve_embedding
 from .search import check_num_neighbors
 
@@ -290,14 +290,10 @@ class IndexChecks:
     def verify(self, index: KnnIndex, model: nn.Module, train_data: Any) -> None:
         """``index.check_compatible(model, train_data)`` unless this index passed it on the same weights and data."""
         data = getattr(dataset_of(train_data), "_fingerprint", None)  # a datasets.Dataset's, else None
-        key = (_weights_version(model), data)
+        key = (weights_version((n, p) for n, p in model.named_parameters() if p.requires_grad), data)
         if data is not None and any(seen is index and passed == key for seen, passed in self._passed):
             return
         index.check_compatible(model, train_data)
         if data is not None:
             self._passed = [(seen, passed) for seen, passed in self._passed if seen is not index] + [(index, key)]
 
-
-def _weights_version(model: nn.Module) -> tuple:
-    """Identity and in-place version counter of every trainable parameter: changes whenever a weight does."""
-    return tuple((name, id(p), p._version) for name, p in model.named_parameters() if p.requires_grad)

@@ -107,9 +107,7 @@ class RecipeArguments:
 
 
 def _subset(data: Dataset, size: int | None, seed: int) -> Dataset:
-    if size is None or size >= len(data):
-        return data
-    return data.shuffle(seed=seed).select(range(size))
+    return data if size is None or size >= len(data) else data.shuffle(seed=seed).select(range(size))
 
 
 def _load(args: RecipeArguments) -> tuple[Dataset, Dataset]:
