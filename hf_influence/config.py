@@ -115,8 +115,8 @@ class InfluenceConfig:
                 "data (all rows when it has fewer, or when unset)."})
 
     def __post_init__(self):
-        if isinstance(self.params, str):
-            self.params = [self.params]
+        if self.params is not None:
+            self.params = [self.params] if isinstance(self.params, str) else list(self.params)
         if self.params is not None and self.last_n_layers is not None:
             raise InvalidInputError("params and last_n_layers are both set: keep one (regexes, or the last k layers + head).")
         check_count(self.last_n_layers, "last_n_layers", optional=True)

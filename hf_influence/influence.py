@@ -77,8 +77,7 @@ class Influence(CurvatureMethods):
         hessian_examples: int | None = InfluenceConfig.hessian_examples,
         progress: bool = True,
     ):
-        config = InfluenceConfig(None if params is None else list([params] if isinstance(params, str) else params),
-                                 last_n_layers, damping, batch_size, seed, projection, memory_budget_gb, hessian_examples)
+        config = InfluenceConfig(params, last_n_layers, damping, batch_size, seed, projection, memory_budget_gb, hessian_examples)
         super().__init__(model, task, config, progress)
 
     @classmethod
