@@ -153,6 +153,12 @@ class BasisConfig:
                                     "raise iterations.")
 
 
+def implicit_iterations(rank: int) -> int:
+    """Krylov steps when a fit runs without a `BasisConfig` (``scores(method="arnoldi")`` with no basis, the streamed
+    Fisher fit): enough past ``rank`` for the top ``rank`` eigenpairs to settle."""
+    return max(2 * rank, rank + 20)
+
+
 @dataclass
 class ScoringConfig:
     """How a sharded scoring job runs (`hf_influence.jobs`)."""

@@ -10,7 +10,7 @@ import torch
 from transformers.utils import logging
 
 from ._utils.errors import IncompatibleBasisError, InvalidInputError
-from .config import Algorithm, BasisConfig, Curvature
+from .config import Algorithm, BasisConfig, Curvature, implicit_iterations
 from .data import RandomBatches, batch_size_of, dataset_of, to_device
 from .engine.grads import accumulation_dtype, eval_mode
 from .engine.hvp import batch_hvp, explicit_hessian
@@ -103,7 +103,7 @@ class CurvatureMethods(ModelWiring):
             if size <= self.memory_budget:
                 eigenvalues, eigenvectors = fisher_eigenpairs(grad_fn, batches, rank, data_parallel, self.progress)
                 return self._basis(eigenvalues, eigenvectors, 0, "fisher")
-            iterations = max(2 * rank, rank + 20)
+            iterations = implicit_iterations(rank)
             logger.info(f"fit_fisher: {count} × {num:,} per-example gradients ({size / 2**30:.2f} GiB) exceed memory_budget_gb="
                         f"{self.memory_budget / 2**30:g}; fitting by block Krylov on Fisher products instead ({iterations} products, "
                         "each block one gradient pass, no gradients held).")
@@ -215,7 +215,7 @@ class CurvatureMethods(ModelWiring):
         return LissaInverse(sample_hvp, config, damping, self.progress)
 
     def _fit_default_basis(self, hessian_data: Any, rank: int) -> ArnoldiBasis:
-        iterations = max(2 * rank, rank + 20)
+        iterations = implicit_iterations(rank)
         logger.info(f"No basis given: fitting Arnoldi (rank={rank}, iterations={iterations}) on the Hessian data.")
         return self.fit_arnoldi(hessian_data, rank=rank, iterations=iterations)
 
