@@ -178,6 +178,8 @@ class Influence(CurvatureMethods):
         method = as_choice(Method, method, "method")
         self.check_data(**{"training data": train_data, "Hessian data": hessian_data})
         precondition, train_fn, _, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
+        if method is Method.TRACIN:  # φ·φ = ‖g‖²: gradient norms, without holding [B, P] where hooks allow
+            train_fn = self._norm_fn(self.train_loss)
         with eval_mode(self.model):
             return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress)
 

@@ -14,6 +14,7 @@ from ._utils.errors import InvalidInputError, TaskInferenceError
 from .config import InfluenceConfig
 from .data import dataset_of, make_loader, select_rows, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
+from .engine.hooks import hook_plan, hook_squared_norms
 from .engine.hvp import dataset_hvp
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
@@ -111,6 +112,24 @@ class ModelWiring:
         params = self._params()
         chunk = grads_chunk_size(self.selection.num_params, self.batch_size, self.memory_budget)
         return lambda batch: per_example_grads(loss_fn, params, batch, chunk_size=chunk)
+
+    def _norm_fn(self, loss_fn: LossFunction) -> FeatureFn:
+        """TracIn self-influence features: each example's gradient norm as a ``[B, 1]`` column (its square is the score).
+        Once module hooks passed their first-use check (``per_example_grad_tensors``), the squared norms come from one
+        hooked pass without forming ``[B, P]``; the checking batch takes that path too, so no row depends on batch order."""
+        params, grad_fn = self._params(), self._grad_fn(loss_fn)
+
+        def norms(batch: Any) -> torch.Tensor:
+            if loss_fn.hooks_ok is None:
+                grads = grad_fn(batch)  # decides hooks_ok on this model
+                if not loss_fn.hooks_ok:
+                    return grads.norm(dim=1, keepdim=True)
+            plan = hook_plan(loss_fn, params) if loss_fn.hooks_ok else None
+            if plan is None:
+                return grad_fn(batch).norm(dim=1, keepdim=True)
+            return hook_squared_norms(loss_fn, batch, plan).clamp(min=0).sqrt().unsqueeze(1)
+
+        return norms
 
     def _projection_fn(self, loss_fn: LossFunction, directions: torch.Tensor) -> FeatureFn:
         params, num, rank = self._params(), self.selection.num_params, directions.shape[0]
