@@ -20,6 +20,7 @@ from .engine.ihvp.fisher import fisher_eigenpairs, fisher_product
 from .engine.ihvp.lissa import LissaConfig, LissaInverse, LissaResult, choose_lissa_config
 from .engine.prefix import PrefixReplay
 from .engine.spectrum import Spectrum, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
+from .params import weights_version
 from .wiring import ModelWiring, refuses_autocast
 
 logger = logging.get_logger(__name__)
@@ -228,14 +229,17 @@ class CurvatureMethods(ModelWiring):
 
     def basis_mismatches(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None) -> list[str]:
         """Why ``basis`` cannot serve this model and selection (and the requested ``rank`` / ``curvature``, when
-        given); empty when it can. The one reuse rule (`ArnoldiBasis.mismatches`), verified once per basis object."""
-        if id(basis) not in self._verified_bases:
+        given); empty when it can. The model check hashes the selected weights, so it runs once per basis and
+        weights version (`hf_influence.params.weights_version`): again only after a weight changed."""
+        version = weights_version(self._params().items())
+        if self._verified_bases.get(id(basis), (None, None))[1] != version:
             described = self.selection.describe()
-            problems = basis.mismatches(described["names"], described["shapes"], self.selection.fingerprint(self.model), type(self.model).__name__)
+            problems = basis.mismatches(described["names"], described["shapes"], self.selection.fingerprint(self.model),
+                                        type(self.model).__name__)
             if problems:
-                return problems + basis.mismatches(basis.param_names, basis.param_shapes, basis.fingerprint, basis.model_class, rank, curvature)
-            self._verified_bases[id(basis)] = basis  # kept alive, so the id is not reused
-        return basis.mismatches(basis.param_names, basis.param_shapes, basis.fingerprint, basis.model_class, rank, curvature)
+                return problems + basis.request_mismatches(rank, curvature)
+            self._verified_bases[id(basis)] = (basis, version)  # the basis kept alive, so its id is not reused
+        return basis.request_mismatches(rank, curvature)
 
     def check_basis(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None) -> None:
         """Raise `IncompatibleBasisError` unless ``basis`` can serve this model (see :meth:`basis_mismatches`)."""

@@ -52,7 +52,7 @@ class ModelWiring:
         self.memory_budget = config.memory_budget_gb * 2**30
         self.train_loss = LossFunction(model, self.task, self.selection)
         self.test_loss = LossFunction(model, self.task, self.selection, measurement=True)
-        self._verified_bases: dict[int, ArnoldiBasis] = {}  # bases that passed the model/selection check (weights hashed once)
+        self._verified_bases: dict[int, tuple[ArnoldiBasis, tuple]] = {}  # bases that passed the model check, on which weights
         self._checked: set[str] = set()  # fingerprints of the Datasets that passed check_data
         self._index_checks = IndexChecks()  # kNN indexes verified against this model and training set
 

@@ -115,3 +115,14 @@ def test_basis_reuse_rule(trained_bert, tmp_path):
     changed = dataclasses.replace(loaded, fingerprint="0" * 64)
     with pytest.raises(IncompatibleBasisError, match="model weights"):
         inf.check_basis(changed)
+    weight = next(iter(inf.selection.tensors(model).values()))  # a basis verified once is checked again after a weight changes
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+    try:
+        with pytest.raises(IncompatibleBasisError, match="model weights"):
+            inf.check_basis(loaded)
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+    assert inf.basis_mismatches(loaded) == []

@@ -66,10 +66,9 @@ class ArnoldiBasis:
         """Read a basis written by :meth:`save`."""
         return load_basis(path)
 
-    def mismatches(self, param_names: list[str], param_shapes: list[list[int]], fingerprint: str, model_class: str,
-                   rank: int | None = None, curvature: str | None = None) -> list[str]:
-        """Why this basis cannot serve the given model and selection (and, when given, ``rank`` / ``curvature``
-        requests): the one reuse rule, used by the facade, the Trainer, the CLI and sharded jobs. Empty = reusable."""
+    def mismatches(self, param_names: list[str], param_shapes: list[list[int]], fingerprint: str, model_class: str) -> list[str]:
+        """Why this basis cannot serve the given model and parameter selection: the one reuse rule, reached through
+        `Influence.basis_mismatches` by the facade, the Trainer, the CLI and sharded jobs. Empty = reusable."""
         problems = []
         if list(param_names) != list(self.param_names) or [list(s) for s in param_shapes] != self.param_shapes:
             problems.append(
@@ -81,21 +80,16 @@ class ArnoldiBasis:
             problems.append(f"{weights}: saved fingerprint {self.fingerprint[:12]}…, this model {fingerprint[:12]}…")
         if model_class != self.model_class:
             problems.append(f"model class: saved {self.model_class}, requested {model_class}")
+        return problems
+
+    def request_mismatches(self, rank: int | None = None, curvature: str | None = None) -> list[str]:
+        """How this basis differs from a requested ``rank`` / ``curvature`` (each ignored when ``None``)."""
+        problems = []
         if rank is not None and rank != self.rank:
             problems.append(f"rank: saved {self.rank}, requested {rank}")
         if curvature is not None and curvature != self.curvature:
             problems.append(f"curvature: saved {self.curvature}, requested {curvature}")
         return problems
-
-    def check_compatible(self, param_names: list[str], param_shapes: list[list[int]], fingerprint: str, model_class: str,
-                         rank: int | None = None, curvature: str | None = None) -> None:
-        """Raise `IncompatibleBasisError` listing :meth:`mismatches`, saved vs requested, with the way out."""
-        problems = self.mismatches(param_names, param_shapes, fingerprint, model_class, rank, curvature)
-        if problems:
-            raise IncompatibleBasisError(
-                "This eigenbasis was fitted for a different model or request: " + "; ".join(problems) + ". Fit a new basis "
-                "with Influence.fit_basis(...) on this model, or load the model the basis was fitted on."
-            )
 
 
 def _short(names: list[str]) -> str:
