@@ -262,24 +262,24 @@ class InfluenceTrainerMixin:
         if method is not Method.ARNOLDI:
             return None
         root = self._influence_root()
-        reusable = broadcast_from_main(is_main_process(self.accelerator) and self._saved_basis_matches(root), self.accelerator)
-        if reusable:
-            return ArnoldiBasis.load(root)
+        saved = self._reusable_basis(root) if is_main_process(self.accelerator) else None
+        if broadcast_from_main(saved is not None, self.accelerator):
+            return saved if saved is not None else ArnoldiBasis.load(root)
         logger.info("No saved Arnoldi basis for the current weights and influence settings: fitting one (fit_influence).")
         return self.fit_influence()
 
-    def _saved_basis_matches(self, root: Path) -> bool:
-        """The one reuse rule (`Influence.basis_mismatches`) with this trainer's rank and curvature (a damaged basis
-        is reported and fitted again, like a damaged shard)."""
+    def _reusable_basis(self, root: Path) -> ArnoldiBasis | None:
+        """The saved basis if the one reuse rule (`Influence.basis_mismatches`) accepts it with this trainer's rank and
+        curvature, else ``None`` (a damaged basis is reported and fitted again, like a damaged shard)."""
         if not basis_exists(root):
-            return False
+            return None
         try:
             saved = ArnoldiBasis.load(root)
         except DamagedArtifactError as err:
             logger.warning(f"{err} The trainer fits it again now.")
-            return False
+            return None
         requested = self.args.influence_config(BasisConfig)
-        return not self.get_influence().basis_mismatches(saved, requested.rank, requested.curvature)
+        return None if self.get_influence().basis_mismatches(saved, requested.rank, requested.curvature) else saved
 
     def _log_shards(self, report: Any) -> None:
         self.log({"influence/shards_computed": float(len(report.computed)), "influence/shards_skipped": float(report.skipped)})
