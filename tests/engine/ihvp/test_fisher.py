@@ -99,6 +99,6 @@ def test_trainer_fits_the_fisher_when_asked(trained_bert, tmp_path):
     assert basis.curvature == "fisher"
     torch.testing.assert_close(basis.eigenvalues, expected.eigenvalues, rtol=1e-10, atol=0)
     trainer.args.influence_curvature = "hessian"  # a Fisher basis on disk is not reused for the Hessian
-    assert not trainer._saved_basis_matches(tmp_path / "influence")
+    assert trainer._reusable_basis(tmp_path / "influence") is None
     with pytest.raises(InvalidInputError, match="influence_curvature must be one of"):
         hfi.InfluenceTrainingArguments(output_dir="x", influence_curvature="ggn", report_to="none")
