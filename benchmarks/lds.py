@@ -21,27 +21,27 @@ of the reported call (basis fit + scoring of all training pairs against all test
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
+import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 import hf_influence as hfi  # noqa: E402
+from benchmarks._lds_head import cls_features, fit_head, head_init, head_logits, scored_model, subset_train_fn  # noqa: E402
 from benchmarks._tiny_bert import train_tiny_bert  # noqa: E402
 from hf_influence._utils.errors import HfInfluenceError  # noqa: E402
 from hf_influence.corpora import load_sick  # noqa: E402
-from hf_influence.data import make_loader  # noqa: E402
 from hf_influence.lds import load_subset_outputs, run_subset_models  # noqa: E402
 from hf_influence.recipes.presets import build_tokenizer, fast_tokenizer  # noqa: E402
 from hf_influence.recipes.tasks import with_overlap_hint  # noqa: E402
@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=8, help="epochs of the whole tiny BERT")
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 on the head when it is (re)trained on fixed features")
     parser.add_argument("--head-iterations", type=int, default=500, help="L-BFGS iterations per head fit")
-    parser.add_argument("--dampings", type=float, nargs="+", default=[1e-4, 1e-3, 3e-3, 1e-2, 1e-1], help="the sweep")
+    parser.add_argument("--dampings", type=float, nargs="+", default=[1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 1e-1], help="the sweep")
     parser.add_argument("--arnoldi-ranks", type=int, nargs="*", default=[10, 50, 200])
     parser.add_argument("--fisher-ranks", type=int, nargs="*", default=[50, 200])
     parser.add_argument("--randproj-ranks", type=int, nargs="*", default=[50, 200])
@@ -70,6 +70,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lissa-val", type=int, default=25, help="LiSSA's sweep rows (the first of --num-val)")
     parser.add_argument("--lissa-report", type=int, default=50, help="LiSSA's reported rows (the first of --num-report)")
     parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--ekfac", action="store_true", help="add kronfluence's EK-FAC (run under .venv-peers, which has kronfluence)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -82,47 +83,6 @@ def encode(split: Dataset, tokenizer) -> Dataset:
     return Dataset.from_dict({**{k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, "labels": list(split["label"])})
 
 
-@torch.no_grad()
-def cls_features(model, data: Dataset) -> torch.Tensor:
-    """The frozen encoder's [CLS] states, what the pooler reads: [n, hidden], float64."""
-    rows = [model.bert(**{k: v for k, v in b.items() if k != "labels"}).last_hidden_state[:, 0] for b in make_loader(data, 128)]
-    return torch.cat(rows).double()
-
-
-def head_init(model, seed: int) -> dict[str, torch.Tensor]:
-    """The seeded starting point of every head fit: weights N(0, 1/fan_in), biases 0, float64."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    return {name: (torch.randn(param.shape, generator=generator, dtype=torch.float64) / param.shape[1] ** 0.5 if param.dim() == 2
-                   else torch.zeros(param.shape, dtype=torch.float64))
-            for name, param in model.named_parameters() if name.startswith(("bert.pooler", "classifier"))}
-
-
-def head_logits(head: dict[str, torch.Tensor], features: torch.Tensor) -> torch.Tensor:
-    """BertForSequenceClassification's head in eval mode: classifier(tanh(pooler(h_cls)))."""
-    pooled = torch.tanh(features @ head["bert.pooler.dense.weight"].T + head["bert.pooler.dense.bias"])
-    return pooled @ head["classifier.weight"].T + head["classifier.bias"]
-
-
-def fit_head(init: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor, l2: float, iterations: int) -> dict[str, torch.Tensor]:
-    """The head minimising mean cross-entropy + l2/2 ‖θ‖² on fixed features (L-BFGS, strong Wolfe), float64."""
-    head = {k: v.detach().clone().double().requires_grad_(True) for k, v in init.items()}
-    optimizer = torch.optim.LBFGS(list(head.values()), lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head_logits(head, features), labels) + 0.5 * l2 * sum((v**2).sum() for v in head.values())
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return {k: v.detach() for k, v in head.items()}
-
-
-def test_losses(head: dict[str, torch.Tensor], features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head_logits(head, features), labels, reduction="none")
-
-
 def fingerprint(*tensors: torch.Tensor, settings: dict) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for tensor in tensors:
@@ -130,19 +90,11 @@ def fingerprint(*tensors: torch.Tensor, settings: dict) -> str:
     return digest.hexdigest()[:12]
 
 
-def scored_model(model, head: dict[str, torch.Tensor]):
-    """A copy of the tiny BERT whose head is the fixed-feature fit on every training pair (float32, eval mode)."""
-    scored = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, param in scored.named_parameters():
-            if name in head:
-                param.copy_(head[name].float())
-    return scored.eval()
-
-
 def methods(args: argparse.Namespace) -> dict[str, dict]:
     """Every method measured: how to score, whether damping matters, the basis it needs."""
     table: dict[str, dict] = {}
+    if args.ekfac:  # the sweep plus kronfluence's own heuristic (None)
+        table["kronfluence EK-FAC"] = {"method": "ekfac", "dampings": [*args.dampings, None]}
     if not args.skip_exact:
         table["exact"] = {"method": "exact"}
     for rank in args.arnoldi_ranks:
@@ -191,6 +143,11 @@ def exact_sweep(model, dampings: list[float], test: Dataset, train: Dataset) -> 
 def sweep_method(model, name: str, spec: dict, args, test: Dataset, train: Dataset) -> tuple[dict[float, tuple[torch.Tensor, float]], float]:
     """{damping: (scores [n_test, N], seconds of that scoring call)} and the basis fit's seconds."""
     dampings = spec.get("dampings", args.dampings)
+    if spec["method"] == "ekfac":
+        from benchmarks._peers.common import select_names
+        from benchmarks._peers.ekfac_sweep import ekfac_sweep
+
+        return ekfac_sweep(model, select_names(model, PARAMS), dampings, test, train, 64, args.seed)
     if spec["method"] == "exact":
         by_damping, seconds = exact_sweep(model, dampings, test, train)
         return {d: (scores, seconds) for d, scores in by_damping.items()}, 0.0
@@ -216,35 +173,50 @@ def measure(model, table: dict[str, dict], args, test: Dataset, train: Dataset, 
         val_lds = {}
         for damping, (scores, seconds) in sweep.items():
             val_lds[damping] = hfi.lds(scores[:num_val], subsets, outputs[:, val]).mean
-            print(f"  {name}, damping {damping:g}: validation LDS {val_lds[damping]:.4f} ({seconds:.1f}s)", flush=True)
+            print(f"  {name}, damping {show(damping)}: validation LDS {val_lds[damping]:.4f} ({seconds:.1f}s)", flush=True)
         best = max(val_lds, key=val_lds.get)
         scores, seconds = sweep[best]
         result = hfi.lds(scores[num_val:], subsets, outputs[:, report_rows])
         rows.append({"method": name, "damping": best, "lds": result.mean, "ci": result.ci, "seconds": fit_seconds + seconds,
                      "fit_seconds": fit_seconds, "num_val": num_val, "num_report": num_report,
-                     "sweep": {str(d): v for d, v in val_lds.items()}})
-        print(f"{name}: LDS {result.mean:.4f} [{result.ci[0]:.4f}, {result.ci[1]:.4f}] on {num_report} rows at damping {best:g}; "
+                     "sweep": {str(d): v for d, v in val_lds.items()}, "per_test": result.per_test.tolist()})
+        print(f"{name}: LDS {result.mean:.4f} [{result.ci[0]:.4f}, {result.ci[1]:.4f}] on {num_report} rows at damping {show(best)}; "
               f"{fit_seconds + seconds:.1f}s (fit {fit_seconds:.1f}s)", flush=True)
     return rows
 
 
+def show(damping: float | None) -> str:
+    return "kronfluence's heuristic" if damping is None else f"{damping:g}"
+
+
+def paired_difference(a: list[float], b: list[float], seed: int = 0, num_bootstrap: int = 1000) -> tuple[float, float, float]:
+    """Mean of ``a - b`` over the test rows both measured (the first ``min(len)`` report rows, where both are defined)
+    and its 95% percentile bootstrap interval, resampling test rows: the paired test of two methods' LDS."""
+    count = min(len(a), len(b))
+    diff = np.asarray(a[:count]) - np.asarray(b[:count])
+    diff = diff[~np.isnan(diff)]
+    means = diff[np.random.default_rng(seed).integers(0, diff.size, size=(num_bootstrap, diff.size))].mean(axis=1)
+    return float(diff.mean()), *(float(q) for q in np.quantile(means, [0.025, 0.975]))
+
+
 def report(rows: list[dict], args) -> None:
-    print("\n| method | damping (best on validation rows) | LDS | 95% CI | test rows | seconds (fit) |")
-    print("|---|---:|---:|---|---:|---:|")
+    """The table, best LDS first; with EK-FAC measured, each method's paired LDS difference from it."""
+    ekfac = next((row for row in rows if row["method"] == "kronfluence EK-FAC"), None)
+    print("\n| method | damping (best on validation rows) | LDS | 95% CI | test rows | seconds (fit) |" + (" LDS − EK-FAC, paired [95% CI] |" if ekfac else ""))
+    print("|---|---:|---:|---|---:|---:|" + ("---|" if ekfac else ""))
     for row in sorted(rows, key=lambda r: -r["lds"]):
-        print(f"| {row['method']} | {row['damping']:g} | {row['lds']:.3f} | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | {row['num_report']} | "
-              f"{row['seconds']:.1f} ({row['fit_seconds']:.1f}) |")
-
-
-def subset_train_fn(init, features, labels, test_features, test_labels, args) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    def train_fn(index: int, subset: torch.Tensor) -> torch.Tensor:
-        head = fit_head(init, features[subset], labels[subset], args.l2, args.head_iterations)
-        return test_losses(head, test_features, test_labels)
-    return train_fn
+        line = (f"| {row['method']} | {show(row['damping'])} | {row['lds']:.3f} | [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}] | "
+                f"{row['num_report']} | {row['seconds']:.1f} ({row['fit_seconds']:.1f}) |")
+        if ekfac and row is not ekfac:
+            line += " {:+.3f} [{:+.3f}, {:+.3f}] |".format(*paired_difference(row["per_test"], ekfac["per_test"]))
+        print(line + (" |" if row is ekfac else ""))
 
 
 def main() -> int:
     args = parse_args()
+    if args.ekfac and importlib.util.find_spec("kronfluence") is None:
+        print("--ekfac needs kronfluence: run under .venv-peers (make .venv-peers/.installed creates it)")
+        return 1
     try:
         sick = load_sick(args.data_dir / "sick")
     except FileNotFoundError as error:
@@ -270,7 +242,7 @@ def main() -> int:
     subsets = hfi.lds_subsets(len(train), args.num_models, args.fraction, args.seed)
     out_dir = args.out_dir / fingerprint(features, test_features, settings={"l2": args.l2, "iterations": args.head_iterations, "seed": args.seed})
     tick = time.perf_counter()
-    trained = run_subset_models(subset_train_fn(init, features, labels, test_features, test_labels, args), subsets, out_dir)
+    trained = run_subset_models(subset_train_fn(init, features, labels, test_features, test_labels, args.l2, args.head_iterations), subsets, out_dir)
     outputs = load_subset_outputs(subsets, out_dir)
     print(f"{args.num_models} subset models (fraction {args.fraction}) in {out_dir}: {len(trained)} trained now in "
           f"{time.perf_counter() - tick:.0f}s; mean test loss {outputs.mean():.3f}", flush=True)

@@ -203,6 +203,12 @@ class Kronfluence:
         self.factor_args = FactorArguments(strategy=strategy)
         self.score_args = ScoreArguments(damping_factor=damping)
 
+    def set_damping(self, damping: float | None) -> None:
+        """Score with another ``damping_factor`` on the factors already fitted (a damping sweep fits once)."""
+        from kronfluence.arguments import ScoreArguments
+
+        self.score_args = ScoreArguments(damping_factor=damping)
+
     def fit(self, hessian: Dataset) -> None:
         self.analyzer.fit_all_factors("factors", _torch_format(hessian), per_device_batch_size=self.batch_size,
                                       factor_args=self.factor_args, overwrite_output_dir=True)
@@ -212,9 +218,10 @@ class Kronfluence:
                                           score_args=self.score_args, overwrite_output_dir=True)
         return self.analyzer.load_self_scores("self")["all_modules"].detach()
 
-    def scores(self, test: Dataset, train: Dataset) -> torch.Tensor:
+    def scores(self, test: Dataset, train: Dataset, query_batch_size: int | None = None) -> torch.Tensor:
+        """``[n_test, n_train]``; ``query_batch_size`` test rows are preconditioned per pass over ``train`` (default: the batch size)."""
         self.analyzer.compute_pairwise_scores("pairwise", "factors", _torch_format(test), _torch_format(train),
-                                              per_device_query_batch_size=self.batch_size,
+                                              per_device_query_batch_size=query_batch_size or self.batch_size,
                                               per_device_train_batch_size=self.batch_size, score_args=self.score_args,
                                               overwrite_output_dir=True)
         return self.analyzer.load_pairwise_scores("pairwise")["all_modules"].detach()
