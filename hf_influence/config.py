@@ -53,6 +53,14 @@ class Projection(str, Enum):
     GRADS = "grads"
 
 
+class RandomProjection(str, Enum):
+    """The random map of random projection and of an index's projected TracIn: a dense orthonormal ``[p̄, P]`` subspace,
+    or Kronecker-structured per-parameter maps applied in the hooked pass (``engine/kronecker.py``)."""
+
+    DENSE = "dense"
+    KRONECKER = "kronecker"
+
+
 class Metric(str, Enum):
     """kNN index metrics: squared L2, inner product, cosine, largest |inner product|."""
 
@@ -109,6 +117,10 @@ class InfluenceConfig:
         "help": "Seed of every random choice: Hessian rows, Arnoldi start vector, probes, LiSSA minibatches, subspaces."})
     projection: str = field(default="auto", metadata={
         "help": "Projection on a basis: 'jvp' (forward mode), 'grads' (per-example gradients) or 'auto' (the cheaper)."})
+    random_projection: str = field(default="dense", metadata={
+        "help": "Random map of method='randproj' and of an index's projected TracIn: 'dense' (a seeded orthonormal [p̄, P] "
+                "subspace, held in memory) or 'kronecker' (per-parameter (R_r ⊗ R_c) maps, applied to hooked gradient "
+                "pieces without forming per-example gradients or a [p̄, P] matrix; p̄ split over parameters ∝ sqrt(size))."})
     memory_budget_gb: float = field(default=2.0, metadata={"help": "Bound on per-example gradient memory, GiB."})
     hessian_examples: int | None = field(default=512, metadata={
         "help": "The Hessian is that of the mean loss over a seeded random subset of this many rows of the Hessian "
@@ -124,6 +136,7 @@ class InfluenceConfig:
         check_count(self.batch_size, "batch_size")
         check_count(self.seed, "seed", minimum=0)
         self.projection = as_choice(Projection, self.projection, "projection").value
+        self.random_projection = as_choice(RandomProjection, self.random_projection, "random_projection").value
         if isinstance(self.memory_budget_gb, bool) or not isinstance(self.memory_budget_gb, (int, float)) or not self.memory_budget_gb > 0:
             raise InvalidInputError(f"memory_budget_gb must be a number > 0, got {self.memory_budget_gb!r}.")
         check_count(self.hessian_examples, "hessian_examples", optional=True)

@@ -17,6 +17,7 @@ from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_examp
 from .engine.hooks import hook_plan, hook_squared_norms
 from .engine.hvp import dataset_hvp
 from .engine.ihvp.arnoldi import ArnoldiBasis
+from .engine.kronecker import KroneckerMap, project_kronecker, subspace_hessian
 from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
 from .engine.scoring import FeatureFn, SubspaceInverse, random_subspace
 from .inputs import check_examples, input_limits
@@ -131,22 +132,34 @@ class ModelWiring:
 
         return norms
 
-    def _projection_fn(self, loss_fn: LossFunction, directions: torch.Tensor) -> FeatureFn:
+    def _projection_fn(self, loss_fn: LossFunction, directions: torch.Tensor | KroneckerMap) -> FeatureFn:
         params, num, rank = self._params(), self.selection.num_params, directions.shape[0]
+        if isinstance(directions, KroneckerMap):  # always from (hooked) gradient pieces: no dense rows for JVPs
+            chunk = grads_chunk_size(num, self.batch_size, self.memory_budget)
+            return lambda batch: project_kronecker(loss_fn, params, batch, directions, chunk_size=chunk)
         mode = self.projection if self.projection != "auto" else choose_projection(num, rank, self.batch_size, self.memory_budget)
         if mode == "jvp":
             return lambda batch: project_by_jvp(loss_fn, params, batch, directions)
         chunk = grads_chunk_size(num, self.batch_size, self.memory_budget)
         return lambda batch: project_by_grads(loss_fn, params, batch, directions, chunk_size=chunk)
 
-    def _random_directions(self, rank: int) -> torch.Tensor:
+    def _random_directions(self, rank: int) -> torch.Tensor | KroneckerMap:
+        """The seeded random map of ``rank`` rows of random projection and projected TracIn (``random_projection``):
+        a dense orthonormal ``[rank, P]`` subspace, or a `KroneckerMap` of the same shape."""
         if not 1 <= rank <= self.selection.num_params:
             raise InvalidInputError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
-        generator = torch.Generator().manual_seed(self.seed)
-        return random_subspace(self.selection.num_params, rank, generator, accumulation_dtype(self._params())).to(self._device())
+        generator, dtype = torch.Generator().manual_seed(self.seed), accumulation_dtype(self._params())
+        if self.config.random_projection == "kronecker":
+            return KroneckerMap.draw(self.selection.names, self.selection.shapes, rank, generator, dtype).to(self._device())
+        return random_subspace(self.selection.num_params, rank, generator, dtype).to(self._device())
 
-    def _subspace_inverse(self, hessian_data: Any, directions: torch.Tensor) -> SubspaceInverse:
-        params = self._params()
+    def _subspace_hessian(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> torch.Tensor:
+        """``QᵀHQ`` ``[p̄, p̄]`` over the Hessian rows (a Kronecker map's rows materialised in blocks within the budget)."""
+        params, batches = self._params(), self._materialize(hessian_data)
         with eval_mode(self.model):
-            h_q = dataset_hvp(self.train_loss, params, self._materialize(hessian_data), directions.T)  # [P, p̄]
-        return SubspaceInverse(directions @ h_q, self.damping)
+            if isinstance(directions, KroneckerMap):
+                return subspace_hessian(directions, lambda v: dataset_hvp(self.train_loss, params, batches, v), self.memory_budget)
+            return directions @ dataset_hvp(self.train_loss, params, batches, directions.T)  # [p̄, P] @ [P, p̄]
+
+    def _subspace_inverse(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> SubspaceInverse:
+        return SubspaceInverse(self._subspace_hessian(hessian_data, directions), self.damping)

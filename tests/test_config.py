@@ -17,8 +17,8 @@ from hf_influence.recipes.tasks import influence_settings
 from tests import utils
 
 RANK = 6
-SETTINGS = {"last_n_layers": 1, "damping": 0.05, "batch_size": 4, "seed": 3, "projection": "grads", "memory_budget_gb": 1.5,
-            "hessian_examples": 32}
+SETTINGS = {"last_n_layers": 1, "damping": 0.05, "batch_size": 4, "seed": 3, "projection": "grads", "random_projection": "kronecker",
+            "memory_budget_gb": 1.5, "hessian_examples": 32}
 BASIS = {"rank": 7, "iterations": 30, "curvature": "fisher"}
 SCORING = {"method": "tracin", "shard_size": 64}
 
@@ -35,7 +35,7 @@ def trainer_configs(settings: dict, tmp_path) -> tuple:
     return tuple(args.influence_config(config) for config in (InfluenceConfig, BasisConfig, ScoringConfig))
 
 
-RECIPE_LACKS = ("projection", "memory_budget_gb", "curvature")  # settings a recipe YAML does not expose
+RECIPE_LACKS = ("projection", "random_projection", "memory_budget_gb", "curvature")  # settings a recipe YAML does not expose
 
 
 def recipe_configs(settings: dict, tmp_path) -> tuple:
@@ -67,6 +67,7 @@ def test_python_trainer_cli_and_recipes_build_identical_settings(settings, tmp_p
     ({"damping": -0.1}, "damping must be a number >= 0"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ({"projection": "fast"}, "projection must be one of"),
+    ({"random_projection": "sparse"}, "random_projection must be one of"),
     ({"params": ["classifier"], "last_n_layers": 1}, "params and last_n_layers are both set"),
     ({"hessian_examples": 0}, "hessian_examples must be an integer >= 1"),
 ])

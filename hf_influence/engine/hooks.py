@@ -255,7 +255,7 @@ def _batch_expander(size: int):
     return hook
 
 
-def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, out_grad: torch.Tensor, grads: FlatGrads | Projections | SquaredNorms) -> None:
+def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, out_grad: torch.Tensor, grads) -> None:
     size = out_grad.shape[0]
     g = out_grad.reshape(size, -1, out_grad.shape[-1])  # [B, T, out]
     if "bias" in roles:
@@ -272,10 +272,11 @@ def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, 
         grads.put(name, (g * normed.reshape_as(g)).sum(dim=1))
         return
     a = inputs.reshape(size, -1, inputs.shape[-1])  # [B, T, in]
-    if isinstance(module, Conv1D):  # weight [in, out]
-        grads.put(name, torch.bmm(a.transpose(1, 2), g))
-    else:  # nn.Linear, weight [out, in]
-        grads.put(name, torch.bmm(g.transpose(1, 2), a))
+    left, right = (a, g) if isinstance(module, Conv1D) else (g, a)  # Conv1D weight [in, out], nn.Linear [out, in]
+    if hasattr(grads, "outer"):  # a sink that takes Σ_t left_t right_tᵀ in factored form (engine/kronecker.py)
+        grads.outer(name, left, right)
+    else:
+        grads.put(name, torch.bmm(left.transpose(1, 2), right))
 
 
 @contextlib.contextmanager

@@ -22,8 +22,8 @@ from .._utils.io import read_json_artifact
 from ..config import BasisConfig, Method, ScoringConfig, as_choice
 from ..data import dataset_fingerprint, dataset_of, select_rows
 from ..engine.grads import eval_mode
-from ..engine.hvp import dataset_hvp
 from ..engine.ihvp.arnoldi import ArnoldiBasis
+from ..engine.kronecker import KroneckerMap
 from ..engine.scoring import collect_features
 from ..jobs.processes import is_main_process, wait_for_everyone
 from ..jobs.scoring import basis_fingerprint
@@ -100,13 +100,13 @@ def build_index(
 
     if output_dir is None:
         features = compute(range(len(dataset_of(train_data))))["features"]
-        return IndexBuild(None, InfluenceIndex(features, directions.cpu(), _curvature(inf, method, basis, directions, train_data, hessian_data), request))
+        return IndexBuild(None, InfluenceIndex(features, _stored(directions), _curvature(inf, method, basis, directions, train_data, hessian_data), request))
     plan = features_plan(output_dir, request, len(dataset_of(train_data)), shard_size)
     report = compute_shards(plan, compute, accelerator, max_shards, progress)
     if not report.complete:
         return IndexBuild(report, None)
     if is_main_process(accelerator) and _manifest_hash(Path(output_dir)) != plan.request_hash:
-        save_manifest(output_dir, plan, directions.cpu(), _curvature(inf, method, basis, directions, train_data, hessian_data))
+        save_manifest(output_dir, plan, _stored(directions), _curvature(inf, method, basis, directions, train_data, hessian_data))
     wait_for_everyone(accelerator)
     return IndexBuild(report, load_index(output_dir))
 
@@ -121,11 +121,13 @@ def index_request(inf: Any, method: Method, basis: ArnoldiBasis | None, directio
         "param_names": list(inf.selection.names), "basis": None if basis is None else basis_fingerprint(basis),
         "rank": int(directions.shape[0]), "seed": inf.seed if seeded else None, "dtype": dtype,
         "train_data": dataset_fingerprint(train_data), "hessian_data": None if hessian is None else dataset_fingerprint(hessian),
+        **({"random_projection": "kronecker"} if isinstance(directions, KroneckerMap) else {}),  # dense requests hash as before
     }
 
 
-def _directions(inf: Any, method: Method, basis: ArnoldiBasis | None, rank: int) -> torch.Tensor:
-    """``Q`` ``[p̄, P]`` on the model's device: the basis's eigenvectors, or the seeded random subspace of `Influence.scores`."""
+def _directions(inf: Any, method: Method, basis: ArnoldiBasis | None, rank: int) -> torch.Tensor | KroneckerMap:
+    """``Q`` ``[p̄, P]`` on the model's device: the basis's eigenvectors, or the seeded random map of `Influence.scores`
+    (dense, or a `KroneckerMap` under ``random_projection="kronecker"``)."""
     if method is Method.ARNOLDI:
         inf.check_basis(basis)
         return basis.eigenvectors.to(inf._device())
@@ -147,12 +149,14 @@ def _curvature(inf: Any, method: Method, basis: ArnoldiBasis | None, directions:
     """The damping-free part of the preconditioner (see `InfluenceIndex.curvature`)."""
     if method is Method.ARNOLDI:
         return basis.eigenvalues.clone()
-    if method is Method.TRACIN:
-        return torch.zeros(0)
-    batches = inf._materialize(train_data if hessian_data is None else hessian_data)
-    with eval_mode(inf.model):
-        h_q = dataset_hvp(inf.train_loss, inf._params(), batches, directions.T)  # [P, p̄]
-    return (directions @ h_q).cpu()  # QᵀHQ [p̄, p̄]
+    if method is Method.TRACIN:  # a Kronecker map's per-feature weights (E[Qᵀ diag(w) Q] = I); dense: none, the scale is P / p̄
+        return directions.weights.to(directions.dtype) if isinstance(directions, KroneckerMap) else torch.zeros(0)
+    return inf._subspace_hessian(train_data if hessian_data is None else hessian_data, directions).cpu()  # QᵀHQ [p̄, p̄]
+
+
+def _stored(directions: torch.Tensor | KroneckerMap) -> torch.Tensor:
+    """What the index keeps of ``Q``: the dense ``[p̄, P]`` matrix, or a Kronecker map's factors flattened (``[F]``)."""
+    return directions.factors().cpu() if isinstance(directions, KroneckerMap) else directions.cpu()
 
 
 def _manifest_hash(folder: Path) -> str | None:

@@ -20,6 +20,7 @@ from transformers.utils import logging
 from .._utils.errors import InvalidInputError
 from .._utils.imports import require_faiss
 from ..engine.grads import eval_mode
+from ..engine.kronecker import KroneckerMap
 from ..engine.scoring import collect_features
 from ..params import weights_version
 from .store import InfluenceIndex
@@ -123,6 +124,8 @@ def _largest_magnitude(top_scores: torch.Tensor, top_indices: torch.Tensor, bott
 def query_features(inf: Any, index: InfluenceIndex, test_data: Any) -> torch.Tensor:
     """``Q g_test`` ``[n_test, p̄]`` of the task's test-side measurement (fp32 accumulation or wider)."""
     directions = index.directions.to(inf._device())
+    if index.request.get("random_projection") == "kronecker":  # the stored factors, laid out on this (checked) selection
+        directions = KroneckerMap.from_factors(inf.selection.names, inf.selection.shapes, index.rank, directions)
     with eval_mode(inf.model):
         return collect_features(inf._projection_fn(inf.test_loss, directions), inf._loader(test_data), inf._device(), "test features", inf.progress)
 

@@ -48,9 +48,11 @@ class InfluenceIndex:
     Attributes:
         features (`torch.Tensor` of shape `[N, p̄]`, float32 or float16): ``φ(z) = Q g_z`` of every training row, in row order.
         directions (`torch.Tensor` of shape `[p̄, P]`): ``Q`` (Arnoldi: the eigenvectors; random projection and
-            TracIn: a seeded orthonormal random subspace), ``named_parameters()`` order of the selection.
+            TracIn: a seeded orthonormal random subspace), ``named_parameters()`` order of the selection. Under
+            ``random_projection="kronecker"`` (``request["random_projection"]``): the map's factors flattened, ``[F]``
+            (`hf_influence.engine.kronecker.KroneckerMap.factors`).
         curvature (`torch.Tensor`): the damping-free part of the preconditioner: Arnoldi ``[p̄]`` eigenvalues,
-            random projection ``[p̄, p̄]`` ``QᵀHQ``, TracIn ``[0]`` (none).
+            random projection ``[p̄, p̄]`` ``QᵀHQ``, TracIn ``[0]`` (none; a Kronecker map: its ``[p̄]`` feature weights).
         request (`dict`): what the features depend on: method, model class and weight fingerprint, parameter
             names, basis fingerprint, rank, seed, training (and Hessian) data fingerprints, storage dtype.
     """
@@ -86,12 +88,15 @@ class InfluenceIndex:
 
         Arnoldi: ``(u_i·g) / (λ_i + damping)``; random projection: ``(QᵀHQ + damping·I)^-1 Q g``; TracIn on projected
         gradients: ``(P / p̄) Q g`` (``E[QᵀQ] = (p̄ / P) I`` for a uniformly random subspace, so the score is an unbiased
-        estimate of ``g_testᵀ g_train``, and exactly it when ``p̄ = P``).
+        estimate of ``g_testᵀ g_train``, and exactly it when ``p̄ = P``; a Kronecker map: ``diag(w) Q g`` with its weights
+        ``w``, unbiased too).
         """
         if self.method is Method.ARNOLDI:
             return DiagonalInverse(1.0 / (self.curvature.to(test_features) + damping))(test_features)
         if self.method is Method.RANDPROJ:
             return SubspaceInverse(self.curvature.to(test_features), damping)(test_features)
+        if self.curvature.numel():  # a Kronecker map's per-feature weights
+            return test_features * self.curvature.to(test_features)
         return test_features * (self.directions.shape[1] / self.rank)
 
     def mismatches(self, model_class: str | None = None, param_names: list[str] | None = None, model_fingerprint: str | None = None,
