@@ -122,8 +122,9 @@ class Influence(CurvatureMethods):
             raise InvalidInputError("index= is only used with knn=k: pass knn (the number of candidates per test example), or drop index.")
         precondition, train_fn, test_fn, _ = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
-            test_features = collect_features(test_fn, make_loader(test_data, self.batch_size, self._pad_id()), self._device(), "test features", self.progress)
-            return pairwise_scores(precondition(test_features), train_fn, self._loader(train_data), self._device(), self.progress)
+            test_features = collect_features(test_fn, make_loader(test_data, self.batch_size, self._pad_id()), self._device(), "test features", self.progress,
+                                            self._dtype())
+            return pairwise_scores(precondition(test_features), train_fn, self._loader(train_data), self._device(), self.progress, self._dtype())
 
     def _knn_scores(self, test_data, train_data, knn, index, method, basis, hessian_data, lissa, rank) -> KnnScores:
         """``scores(knn=k)``: checks first, then the test side, candidates from the index, scores for those only."""
@@ -132,7 +133,8 @@ class Influence(CurvatureMethods):
         index = self._knn_index(train_data, index)
         parts = self._method_parts(method, train_data, hessian_data, basis, lissa, rank)
         with eval_mode(self.model):
-            test = parts.precondition(collect_features(parts.test_fn, self._loader(test_data), self._device(), "test features", self.progress))
+            test = parts.precondition(collect_features(parts.test_fn, self._loader(test_data), self._device(), "test features", self.progress,
+                                                       self._dtype()))
         candidates = find_candidates(index, self.model, self.selection, test_data, knn, test, parts.directions,
                                      self.batch_size, self._pad_id(), self.progress)  # [n_test, k]
         with eval_mode(self.model):
@@ -184,7 +186,7 @@ class Influence(CurvatureMethods):
         if method is Method.TRACIN:  # φ·φ = ‖g‖²: gradient norms, without holding [B, P] where hooks allow
             train_fn = self._norm_fn(self.train_loss)
         with eval_mode(self.model):
-            return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress)
+            return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress, self._dtype())
 
     @refuses_autocast
     def gradients(self, data: Any, test_side: bool = False) -> torch.Tensor:
@@ -195,7 +197,7 @@ class Influence(CurvatureMethods):
         self.check_data(data=data)
         loss_fn = self.test_loss if test_side else self.train_loss
         with eval_mode(self.model):
-            return collect_features(self._grad_fn(loss_fn), self._loader(data), self._device(), "gradients", self.progress)
+            return collect_features(self._grad_fn(loss_fn), self._loader(data), self._device(), "gradients", self.progress, self._dtype())
 
 
     def _method_parts(self, method, train_data, hessian_data, basis, lissa, rank) -> _MethodParts:

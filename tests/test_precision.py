@@ -54,3 +54,19 @@ def test_float16_overflow_is_refused_naming_bfloat16():
     inf = hfi.Influence(model, params=["classifier"], batch_size=4, progress=False)
     with pytest.raises(NonFiniteError, match="load it in bfloat16"):
         inf.self_influence(utils.classification_dataset(4), method="tracin")
+
+
+@pytest.mark.parametrize("dtype, advice, not_advice", [
+    (torch.float16, "load it in bfloat16", "rarely overflow"),
+    (torch.bfloat16, "bfloat16 model has float32's range", "float16 model overflows"),
+    (torch.float32, "The model is float32, so overflow is unlikely", "float16 model overflows"),
+])
+def test_nonfinite_advice_follows_the_model_dtype(dtype, advice, not_advice):
+    """NaN weights give NaN scores in every dtype; the refusal's advice is the one for the model's dtype."""
+    model = utils.tiny_bert().to(dtype).eval()
+    with torch.no_grad():
+        model.classifier.bias[0] = float("nan")
+    inf = hfi.Influence(model, params=["classifier"], batch_size=4, progress=False)
+    with pytest.raises(NonFiniteError, match=advice) as refused:
+        inf.self_influence(utils.classification_dataset(4), method="tracin")
+    assert not_advice not in str(refused.value)

@@ -85,14 +85,29 @@ def accumulation_dtype(params: Params) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def check_finite(tensor: torch.Tensor, what: str, where: str) -> torch.Tensor:
+def check_finite(tensor: torch.Tensor, what: str, where: str, model_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor``, or :class:`NonFiniteError` naming ``what`` and ``where``, with advice for ``model_dtype``
+    (see :func:`nonfinite_advice`)."""
     if not torch.isfinite(tensor).all():
-        raise NonFiniteError(
-            f"NaN/Inf in {what} ({where}). Check the inputs of that batch (labels, lengths) and the model "
-            "weights. A float16 model overflows easily (its largest value is 65504; second derivatives, e.g. "
-            "through LayerNorm, exceed it first): load it in bfloat16 (same memory, float32's range) or float32."
-        )
+        raise NonFiniteError(f"NaN/Inf in {what} ({where}). Check the inputs of that batch (labels, lengths) and the model "
+                             f"weights. {nonfinite_advice(model_dtype)}")
     return tensor
+
+
+def nonfinite_advice(model_dtype: torch.dtype | None) -> str:
+    """What to try when a model of ``model_dtype`` gives NaN/Inf (``None``: the dtype is not known here)."""
+    half = ("A float16 model overflows easily (its largest value is 65504; second derivatives, e.g. through LayerNorm, "
+            "exceed it first): load it in bfloat16 (same memory, float32's range) or float32.")
+    if model_dtype == torch.float16:
+        return half
+    if model_dtype == torch.bfloat16:
+        return ("A bfloat16 model has float32's range, so this is rarely overflow: look for NaN/Inf already in the weights "
+                "(a diverged run) or an extreme input; bfloat16 keeps 8 bits of mantissa, so if the weights are finite, "
+                "load the model in float32 and compare.")
+    if model_dtype in (torch.float32, torch.float64):
+        return (f"The model is {str(model_dtype).removeprefix('torch.')}, so overflow is unlikely: look for NaN/Inf already "
+                "in the weights (a diverged run, e.g. torch.isfinite over model.parameters()) or an extreme input.")
+    return "If the model is float16: " + half[0].lower() + half[1:]
 
 
 def per_example_grads(

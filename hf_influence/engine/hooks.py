@@ -11,11 +11,14 @@ example's loss depends on another's activations (eval mode, no batch statistics)
   ``padding_idx`` row kept at zero as torch does; ids with a leading dimension of 1 (BERT's and GPT-2's
   position ids ``[1, T]``) are expanded to the batch before the lookup, so the output gradient stays per
   example;
-- ``nn.LayerNorm`` over the last dimension: weight ``Σ_t g_t ⊙ x̂_t`` with ``x̂`` the normalised input, bias ``Σ_t g_t``.
+- ``nn.LayerNorm`` over the last dimension: weight ``Σ_t g_t ⊙ x̂_t`` with ``x̂`` the normalised input, bias ``Σ_t g_t``;
+- the RMS norms ``y = w ⊙ x / rms(x)`` of T5 (``T5LayerNorm``) and Llama (``LlamaRMSNorm``), weight only:
+  ``Σ_t g_t ⊙ x̂_t``, with ``x̂`` the module's own output for a weight of ones (so its rounding is the model's).
 
-A selection with any other parameter (T5's RMS norm, a bare ``nn.Parameter``), a parameter shared with
-a module of another type, or a module called on inputs whose leading dimension is not the batch, is
-reported unsupported; :func:`~hf_influence.engine.grads.per_example_grad_tensors` then uses vmap. Masked
+A selection with any other parameter (T5's ``relative_attention_bias``, a bare ``nn.Parameter``), or a
+parameter shared with a module of another type, gets no plan (:func:`hook_plan` returns ``None``), and a
+module called on inputs whose leading dimension is not the batch raises :class:`UnsupportedForHooks`; in both
+cases :func:`~hf_influence.engine.grads.per_example_grad_tensors` uses vmap for the whole selection. Masked
 tokens need no care here: their loss terms are zero, so their output gradients are zero.
 """
 
@@ -35,6 +38,12 @@ if TYPE_CHECKING:
     from .grads import LossFunction, Params
 
 SUPPORTED = (nn.Linear, Conv1D, nn.Embedding, nn.LayerNorm)
+RMS_NORMS = {("transformers.models.t5.modeling_t5", "T5LayerNorm"), ("transformers.models.llama.modeling_llama", "LlamaRMSNorm")}
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    """T5's or Llama's RMS norm, by exact class (matched by module path and name, so neither model is imported here)."""
+    return (type(module).__module__, type(module).__name__) in RMS_NORMS
 
 
 class UnsupportedForHooks(RuntimeError):
@@ -45,7 +54,9 @@ def hook_plan(loss_fn: LossFunction, params: Params) -> dict[nn.Module, dict[str
     """``{module: {"weight"|"bias": selected name}}`` covering every selected parameter, or ``None``.
 
     ``None`` when a selected parameter is not the model's own tensor (``params`` point elsewhere), is held
-    by a module of an unsupported type, or is held by none (used directly in some ``forward``).
+    by a module of an unsupported type or by a T5-style ``relative_attention_bias`` (an embedding looked up at
+    position buckets the batch shares, so its output has no batch dimension), or is held by none (used directly
+    in some ``forward``). The caller then takes vmap for the whole selection.
     """
     model = loss_fn.module.model
     named = dict(model.named_parameters())
@@ -57,17 +68,23 @@ def hook_plan(loss_fn: LossFunction, params: Params) -> dict[nn.Module, dict[str
         owners[id(named[name])] = name
     plan: dict[nn.Module, dict[str, str]] = {}
     covered: set[str] = set()
-    for module in model.modules():  # each module once, even where it is reachable under several names
+    for path, module in model.named_modules():  # each module once, even where it is reachable under several names
         for role, parameter in module.named_parameters(recurse=False):
             name = owners.get(id(parameter))
             if name is None:
                 continue
-            if type(module) not in SUPPORTED or role not in ("weight", "bias") or getattr(module, "max_norm", None) is not None \
-                    or len(getattr(module, "normalized_shape", (0,))) != 1:
+            if not _hookable(module, role) or path.endswith("relative_attention_bias"):
                 return None
             plan.setdefault(module, {})[role] = name
             covered.add(name)
     return plan if covered == set(loss_fn.selection.names) else None
+
+
+def _hookable(module: nn.Module, role: str) -> bool:
+    if _is_rms_norm(module):
+        return role == "weight"
+    return type(module) in SUPPORTED and role in ("weight", "bias") and getattr(module, "max_norm", None) is None \
+        and len(getattr(module, "normalized_shape", (0,))) == 1
 
 
 class FlatGrads(dict):
@@ -135,51 +152,6 @@ def _columns(loss_fn: LossFunction, directions: torch.Tensor, dtype: torch.dtype
         cache[:] = [directions, directions._version,
                     {n: p.view(*shape, -1) for n, p, shape in zip(loss_fn.selection.names, pieces, loss_fn.selection.shapes)}]
     return cache[2]
-
-
-class SquaredNorms:
-    """``‖∇L_b‖²`` per example, module by module: a parameter reached by one call adds the squared norm of its
-    per-example gradient (an embedding's from the token pairs that share an id, never forming it); one reached
-    by several calls (GPT-2's tied ``wte`` / ``lm_head``, T5's shared embedding) is summed over its calls first."""
-
-    def __init__(self, calls_per_name: dict[str, int], shapes: dict[str, tuple], size: int, dtype: torch.dtype, device: torch.device):
-        self.calls_per_name, self.shapes, self.pending = calls_per_name, shapes, {}
-        self.total = torch.zeros(size, dtype=dtype, device=device)
-
-    def put(self, name: str, value: torch.Tensor) -> None:
-        if self.calls_per_name[name] == 1:
-            self.total += value.reshape(value.shape[0], -1).pow(2).sum(dim=1)
-        else:
-            self.pending[name] = value if name not in self.pending else self.pending[name] + value
-
-    def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
-        if padding_idx is not None:
-            g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
-        if self.calls_per_name[name] == 1:  # Σ_{t,s: id_t = id_s} g_t · g_s
-            self.total += (torch.bmm(g, g.transpose(1, 2)) * (ids.unsqueeze(2) == ids.unsqueeze(1))).sum(dim=(1, 2))
-            return
-        dense = torch.zeros((g.shape[0], *self.shapes[name]), dtype=g.dtype, device=g.device)
-        dense.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
-        self.put(name, dense)
-
-    def result(self) -> torch.Tensor:
-        return self.total + sum((v.reshape(v.shape[0], -1).pow(2).sum(dim=1) for v in self.pending.values()), torch.zeros_like(self.total))
-
-
-def hook_squared_norms(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> torch.Tensor:
-    """``[B]``: each example's squared gradient norm over the selection (TracIn self-influence), from one forward
-    and backward, without forming the ``[B, P]`` per-example gradients (see :class:`SquaredNorms`)."""
-    calls, out_grads, dtype = _hooked_pass(loss_fn, batch, plan)
-    counts: dict[str, int] = {}
-    for (module, _, _), out_grad in zip(calls, out_grads):
-        for name in plan[module].values() if out_grad is not None else ():
-            counts[name] = counts.get(name, 0) + 1
-    shapes = dict(zip(loss_fn.selection.names, loss_fn.selection.shapes))
-    sink = SquaredNorms(counts, shapes, batch_size_of(batch), dtype, out_grads[0].device if out_grads else None)
-    for (module, inputs, _), out_grad in zip(calls, out_grads):
-        if out_grad is not None:
-            _accumulate(module, plan[module], inputs, out_grad.to(dtype), sink)
-    return sink.result()
 
 
 def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> FlatGrads:
@@ -265,6 +237,11 @@ def _accumulate(module: nn.Module, roles: dict[str, str], inputs: torch.Tensor, 
     name = roles["weight"]
     if isinstance(module, nn.Embedding):
         grads.lookup(name, inputs.reshape(size, -1), g, module.padding_idx)
+        return
+    if _is_rms_norm(module):
+        with torch.no_grad():
+            normed = torch.func.functional_call(module, {"weight": torch.ones_like(module.weight)}, (inputs,))
+        grads.put(name, (g * normed.to(g.dtype).reshape_as(g)).sum(dim=1))
         return
     inputs = inputs.to(g.dtype)
     if isinstance(module, nn.LayerNorm):

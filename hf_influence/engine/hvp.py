@@ -47,7 +47,7 @@ def batch_hvp(loss_fn: LossFunction, params: Params, batch: Batch, vectors: torc
     rows = loss_fn.selection.flatten({n: torch.zeros((vectors.shape[1], *t.shape), dtype=t.dtype, device=t.device) if p is None else p
                                       for (n, t), p in zip(leaves.items(), parts)}, batch_dims=1)  # [k, P]
     result = rows.T.to(accumulation_dtype(params))  # [P, k]
-    return check_finite(result, "a Hessian-vector product", f"{where}, {batch_size_of(batch)} examples")
+    return check_finite(result, "a Hessian-vector product", f"{where}, {batch_size_of(batch)} examples", dtype)
 
 
 def _second_backward(linked: list, leaves: dict[str, torch.Tensor], tangents: dict[str, torch.Tensor], k: int) -> list:

@@ -22,13 +22,14 @@ FeatureFn = Callable[[Batch], torch.Tensor]  # batch -> [B, d]
 
 
 def collect_features(
-    feature_fn: FeatureFn, batches: Iterable[Batch], device: torch.device, desc: str, progress: bool = True
+    feature_fn: FeatureFn, batches: Iterable[Batch], device: torch.device, desc: str, progress: bool = True,
+    model_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Features of every example, in order: ``[N, d]``."""
+    """Features of every example, in order: ``[N, d]``. ``model_dtype`` chooses the advice given on NaN/Inf."""
     rows, guard = [], ResidentGuard()
     for index, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
         guard.check()
-        rows.append(check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"{desc}, batch {index}"))
+        rows.append(check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"{desc}, batch {index}", model_dtype))
     return torch.cat(rows)
 
 
@@ -38,12 +39,13 @@ def pairwise_scores(
     train_batches: Iterable[Batch],
     device: torch.device,
     progress: bool = True,
+    model_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``[n_test, n_train]`` = ``(A φ_test) φ_trainᵀ``, streaming over training batches."""
     blocks, guard = [], ResidentGuard()
     for index, batch in enumerate(tqdm(train_batches, desc="scoring train", disable=not progress)):
         guard.check()
-        features = check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"train batch {index}")
+        features = check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"train batch {index}", model_dtype)
         blocks.append(preconditioned_test @ features.T.to(preconditioned_test.dtype))
     return torch.cat(blocks, dim=1)
 
@@ -54,12 +56,13 @@ def self_scores(
     batches: Iterable[Batch],
     device: torch.device,
     progress: bool = True,
+    model_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``[N]`` self-influence ``φ(z)ᵀ A φ(z)``; ranks noisy / mislabelled training pairs."""
     values, guard = [], ResidentGuard()
     for index, batch in enumerate(tqdm(batches, desc="self-influence", disable=not progress)):
         guard.check()
-        features = check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"batch {index}")
+        features = check_finite(feature_fn(to_device(batch, device)), "per-example gradients", f"batch {index}", model_dtype)
         values.append((precondition(features) * features).sum(dim=1))
     return torch.cat(values)
 

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_influence as hfi
 from hf_influence._utils.errors import InvalidInputError
 from hf_influence.data import PaddingCollator
-from hf_influence.engine import hooks
+from hf_influence.engine import hooks, norms
 from hf_influence.engine.grads import LossFunction, eval_mode, per_example_grad_tensors, per_example_grads
 from hf_influence.engine.projection import project_by_grads
 from hf_influence.params import select_parameters
@@ -15,12 +16,23 @@ from tests import utils
 
 HOOKS_RTOL = 1e-10  # fp64, relative to the largest gradient entry (key biases have exactly-zero gradients in theory)
 
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """Llama: RMS norms, gated MLP, rotary positions, untied LM head."""
+    config = LlamaConfig(vocab_size=utils.VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(config)
+
+
 CASES = {  # name: (builder, data, selection kwargs)
     "bert": (utils.tiny_bert, utils.classification_dataset, {}),
     "bert-last-layer": (utils.tiny_bert, utils.classification_dataset, {"last_n_layers": 1}),
     "marian": (utils.tiny_marian, utils.seq2seq_dataset, {}),
-    # T5's RMS norm and relative position bias are not hookable: the rest of T5 is.
     "t5-linear": (utils.tiny_t5, utils.seq2seq_dataset, {"params": [r"\.(q|k|v|o|wi|wo)\.weight$", "shared", "lm_head"]}),
+    # T5's relative position bias is not hookable (looked up at buckets the batch shares): the rest of T5 is.
+    "t5": (utils.tiny_t5, utils.seq2seq_dataset, {"params": [r"^(?!.*relative_attention_bias)"]}),
+    "llama": (tiny_llama, utils.lm_dataset, {}),
     "gpt2": (utils.tiny_gpt2, utils.lm_dataset, {}),
     "gpt2-classifier": (utils.tiny_gpt2_classifier, utils.classification_dataset, {}),
 }
@@ -58,7 +70,7 @@ def test_hooks_match_vmap_with_padding(name):
 def test_auto_uses_hooks_where_supported_and_vmap_elsewhere():
     model, selection, loss_fn, batch = _setup(utils.tiny_t5, utils.seq2seq_dataset, {})
     params = selection.tensors(model)
-    assert hooks.hook_plan(loss_fn, params) is None  # T5LayerNorm, relative_attention_bias
+    assert hooks.hook_plan(loss_fn, params) is None  # relative_attention_bias: looked up at buckets the batch shares
     with eval_mode(model):
         auto = per_example_grad_tensors(loss_fn, params, batch)
         reference = per_example_grad_tensors(loss_fn, params, batch, mode="vmap")
@@ -129,16 +141,27 @@ def test_projections_by_hooks_match_vmap(name):
     assert float((ours - reference).abs().max() / reference.abs().max()) <= HOOKS_RTOL
 
 
-@pytest.mark.parametrize("name", ["bert", "marian", "t5-linear", "gpt2", "gpt2-low-ids"])
-def test_squared_norms_by_hooks_match_vmap(name):
-    """Squared per-example gradient norms (TracIn self-influence) without forming the gradients, including
+@pytest.mark.parametrize("route", ["rule", "grams", "gradients"])
+@pytest.mark.parametrize("name", ["bert", "marian", "t5", "t5-linear", "gpt2", "gpt2-low-ids", "gpt2-classifier", "llama"])
+def test_squared_norms_by_hooks_match_vmap(name, route, monkeypatch):
+    """Squared per-example gradient norms (TracIn self-influence) without forming the gradients, by the Gram route
+    (``sum((G Gᵀ) ∘ (A Aᵀ))``), by forming each module's gradient, and by the rule choosing per call; including
     parameters reached by several calls (Marian's, T5's and GPT-2's embeddings tied to the LM head; with
-    ``low-ids`` the batch uses only the first half of the vocabulary)."""
+    ``low-ids`` the batch uses only the first half of the vocabulary) and T5's and Llama's RMS norms."""
     model, selection, loss_fn, batch = _setup(*CASES[name.removesuffix("-low-ids")])
     if name.endswith("low-ids"):
         batch = {**batch, "input_ids": batch["input_ids"] % (utils.VOCAB // 2)}
+    if route != "rule":
+        monkeypatch.setattr(norms, "grams_cheaper", lambda *sizes: route == "grams")
     params = selection.tensors(model)
     with eval_mode(model):
         reference = per_example_grads(loss_fn, params, batch, mode="vmap").pow(2).sum(dim=1)
-        ours = hooks.hook_squared_norms(loss_fn, batch, hooks.hook_plan(loss_fn, params))
+        ours = norms.hook_squared_norms(loss_fn, batch, hooks.hook_plan(loss_fn, params))
     torch.testing.assert_close(ours, reference, rtol=HOOKS_RTOL, atol=0)
+
+
+def test_gram_rule_counts_shared_inputs():
+    """BERT-base's query, key and value (768 → 768, sharing one input) take the Grams at 512 tokens, its attention
+    output (not sharing) forms the gradient; a one-token call (a pooler) always takes the Grams."""
+    assert norms.grams_cheaper(512, 768, 768, readers=3) and not norms.grams_cheaper(512, 768, 768, readers=1)
+    assert norms.grams_cheaper(1, 8, 8, readers=1) and not norms.grams_cheaper(64, 8, 8, readers=1)
