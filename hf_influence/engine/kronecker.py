@@ -31,8 +31,9 @@ import torch
 from transformers.utils import logging
 
 from ..data import Batch, batch_size_of
-from .grads import LossFunction, Params, accumulation_dtype, per_example_grad_tensors
-from .hooks import _accumulate, _hooked_pass, hook_plan
+from .grads import LossFunction, Params, accumulation_dtype
+from .hooks import _accumulate, _hooked_pass
+from .projection import project_in_slices
 
 logger = logging.get_logger(__name__)
 
@@ -259,17 +260,12 @@ def hook_kronecker(loss_fn: LossFunction, batch: Batch, plan: dict, kmap: Kronec
 
 
 def project_kronecker(loss_fn: LossFunction, params: Params, batch: Batch, kmap: KroneckerMap, chunk_size: int | None = None) -> torch.Tensor:
-    """``[B, p̄]`` = per-example gradients times ``Φᵀ``: from the hooked pass once hooks passed their first-use check
-    (the rule of ``per_example_grad_tensors``; the checking batch is projected by hooks too, so no row depends on batch
-    order), else from per-example gradients (vmap) block by block."""
-    plan = hook_plan(loss_fn, params) if loss_fn.hooks_ok else None
-    if plan is None:
-        grads = per_example_grad_tensors(loss_fn, params, batch, chunk_size=chunk_size)
-        plan = hook_plan(loss_fn, params) if loss_fn.hooks_ok else None
-        if plan is None:
-            dtype = accumulation_dtype(params)
-            return kmap.to(dtype).project({name: g.to(dtype) for name, g in grads.items()})
-    return hook_kronecker(loss_fn, batch, plan, kmap)
+    """``[B, p̄]`` = per-example gradients times ``Φᵀ``: from the hooked pass once hooks passed their first-use check,
+    else from per-example gradients (vmap) of at most ``chunk_size`` examples at a time, block by block (the rule of
+    `hf_influence.engine.projection.project_in_slices`)."""
+    dtype = accumulation_dtype(params)
+    return project_in_slices(loss_fn, params, batch, lambda grads: kmap.to(dtype).project({n: g.to(dtype) for n, g in grads.items()}),
+                             lambda plan: hook_kronecker(loss_fn, batch, plan, kmap), chunk_size)
 
 
 def subspace_hessian(kmap: KroneckerMap, hvp: Callable[[torch.Tensor], torch.Tensor], memory_budget_bytes: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_influence.data import PaddingCollator
-from hf_influence.engine.grads import LossFunction, eval_mode
+from hf_influence.engine.grads import LossFunction, eval_mode, per_example_grad_tensors
 from hf_influence.engine.projection import choose_projection, project_by_grads, project_by_jvp
 from hf_influence.params import select_parameters
 from hf_influence.tasks import infer_task
@@ -42,3 +42,59 @@ def test_facade_projection_modes_give_same_self_influence(bert_oracle):
     torch.testing.assert_close(
         jvp_inf.self_influence(bert_oracle["train"], basis=basis), inf.self_influence(bert_oracle["train"], basis=basis), rtol=utils.PROJ_RTOL, atol=1e-10
     )
+
+
+HOOKS_RTOL = 1e-10  # fp64, relative to the largest projected entry
+
+
+def _padded_setup(build, make_data, n=6):
+    torch.manual_seed(0)
+    model = build().double().eval()
+    dataset, selection = make_data(n), select_parameters(model)
+    batch = PaddingCollator()([dataset[i] for i in range(n)])
+    return model, selection, LossFunction(model, infer_task(model), selection), batch
+
+
+@pytest.mark.parametrize("build, make_data", [(utils.tiny_bert, utils.classification_dataset), (utils.tiny_gpt2, utils.lm_dataset)])
+def test_hooked_projection_within_a_small_budget_reads_the_basis_in_place(build, make_data):
+    """A basis larger than the budget is read through views of itself (no [P, p̄] copy), with the same numbers as the
+    cached transposed copy and as vmap's gradients times the basis."""
+    model, selection, loss_fn, batch = _padded_setup(build, make_data)
+    params = selection.tensors(model)
+    directions = torch.randn(7, selection.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    small = directions.numel() * 8 - 1  # bytes: one short of the basis
+    with eval_mode(model):
+        reference = selection.flatten(per_example_grad_tensors(loss_fn, params, batch, mode="vmap"), batch_dims=1) @ directions.T
+        project_by_grads(loss_fn, params, batch, directions)  # first use: the hooks' check
+        assert loss_fn.hooks_ok
+        copied = project_by_grads(loss_fn, params, batch, directions, memory_budget_bytes=directions.numel() * 8)
+        copy_pieces = dict(loss_fn.projection_columns[2])
+        in_place = project_by_grads(loss_fn, params, batch, directions, memory_budget_bytes=small)
+        view_pieces = loss_fn.projection_columns[2]
+    base = directions.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == base for p in view_pieces.values())  # views of the basis
+    assert all(p.untyped_storage().data_ptr() != base for p in copy_pieces.values())  # the copy
+    scale = float(reference.abs().max())
+    assert float((copied - reference).abs().max()) <= HOOKS_RTOL * scale
+    assert float((in_place - reference).abs().max()) <= HOOKS_RTOL * scale
+
+
+def test_vmap_projection_holds_at_most_chunk_size_gradients(monkeypatch):
+    """Where hooks do not apply (all of T5), gradients are taken ``chunk_size`` examples at a time, same numbers."""
+    from hf_influence.engine import projection
+
+    model, selection, loss_fn, batch = _padded_setup(utils.tiny_t5, utils.seq2seq_dataset, n=5)
+    params = selection.tensors(model)
+    directions = torch.randn(4, selection.num_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    seen, real = [], projection.per_example_grad_tensors
+
+    def recording(loss_fn, params, batch, **kwargs):
+        seen.append(batch["input_ids"].shape[0])
+        return real(loss_fn, params, batch, **kwargs)
+
+    with eval_mode(model):
+        whole = project_by_grads(loss_fn, params, batch, directions)
+        monkeypatch.setattr(projection, "per_example_grad_tensors", recording)
+        sliced = project_by_grads(loss_fn, params, batch, directions, chunk_size=2)
+    assert projection.hook_plan(loss_fn, params) is None and seen == [2, 2, 1]
+    assert float((sliced - whole).abs().max()) <= HOOKS_RTOL * float(whole.abs().max())
