@@ -121,7 +121,10 @@ class InfluenceConfig:
         "help": "Random map of method='randproj' and of an index's projected TracIn: 'dense' (a seeded orthonormal [p̄, P] "
                 "subspace, held in memory) or 'kronecker' (per-parameter (R_r ⊗ R_c) maps, applied to hooked gradient "
                 "pieces without forming per-example gradients or a [p̄, P] matrix; p̄ split over parameters ∝ sqrt(size))."})
-    memory_budget_gb: float = field(default=2.0, metadata={"help": "Bound on per-example gradient memory, GiB."})
+    memory_budget_gb: float = field(default=2.0, metadata={
+        "help": "Bound, in GiB, on the large tensors a call holds at once (bases, Krylov vectors, per-example gradients, the "
+                "explicit Hessian; not the model): block widths, gradient chunks and the Fisher fit's path follow it, and a "
+                "call estimated over it is refused before any work with the ways out (Influence.estimate_cost)."})
     hessian_examples: int | None = field(default=512, metadata={
         "help": "The Hessian is that of the mean loss over a seeded random subset of this many rows of the Hessian "
                 "data (all rows when it has fewer, or when unset)."})

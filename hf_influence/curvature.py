@@ -11,15 +11,16 @@ from transformers.utils import logging
 
 from ._utils.errors import IncompatibleBasisError, InvalidInputError
 from .config import Algorithm, BasisConfig, Curvature, implicit_iterations
+from .cost_estimate import costed
 from .data import RandomBatches, batch_size_of, dataset_of, to_device
 from .engine.grads import accumulation_dtype, eval_mode
 from .engine.hvp import batch_hvp, explicit_hessian
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.ihvp.block import fit_eigenpairs
-from .engine.ihvp.fisher import fisher_eigenpairs, fisher_product
+from .engine.ihvp.fisher import fisher_eigenpairs, fisher_product, held_bytes
 from .engine.ihvp.lissa import LissaConfig, LissaInverse, LissaResult, choose_lissa_config
 from .engine.prefix import PrefixReplay
-from .engine.spectrum import Spectrum, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
+from .engine.spectrum import Spectrum, check_spectrum_request, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
 from .params import weights_version
 from .wiring import ModelWiring, refuses_autocast
 
@@ -37,6 +38,7 @@ class CurvatureMethods(ModelWiring):
     """`Influence`'s curvature methods (see the module docstring); scores are in `hf_influence.influence`."""
 
     @refuses_autocast
+    @costed("fit_arnoldi")
     def fit_arnoldi(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations, seed: int | None = None,
                     algorithm: str = BasisConfig.algorithm, data_parallel: bool = False) -> ArnoldiBasis:
         """Fit the top-``rank`` eigenpairs (largest |λ|) of the Hessian of the mean loss over ``hessian_data`` from
@@ -64,6 +66,7 @@ class CurvatureMethods(ModelWiring):
                                              self.memory_budget, across_processes=data_parallel, progress=self.progress)
         return self._basis(pairs.eigenvalues, pairs.eigenvectors, products, "hessian")
 
+    @costed("fit_basis")
     def fit_basis(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations,
                   curvature: str = BasisConfig.curvature, algorithm: str = BasisConfig.algorithm, data_parallel: bool = False) -> ArnoldiBasis:
         """:meth:`fit_arnoldi` (``curvature="hessian"``, with ``algorithm``) or :meth:`fit_fisher` (``"fisher"``;
@@ -76,6 +79,7 @@ class CurvatureMethods(ModelWiring):
                                 data_parallel=data_parallel)
 
     @refuses_autocast
+    @costed("fit_fisher")
     def fit_fisher(self, hessian_data: Any, rank: int = BasisConfig.rank, data_parallel: bool = False) -> ArnoldiBasis:
         """Fit the top-``rank`` eigenpairs of the empirical Fisher ``F = mean_z g_z g_zᵀ`` over ``hessian_data``.
 
@@ -83,7 +87,8 @@ class CurvatureMethods(ModelWiring):
         semi-definite, of rank at most the number of examples. Its eigenpairs are exact, from one pass
         of per-example gradients and an SVD, with no HVP passes, so the fit costs about as much as
         scoring the Hessian data once. The basis is used like :meth:`fit_arnoldi`'s (``method="arnoldi"``).
-        The per-example gradients are held at once when ``examples × P`` floats fit ``memory_budget_gb``; otherwise the
+        The per-example gradients are held at once when they and the SVD's copies (``3 × examples × P`` floats) fit
+        ``memory_budget_gb``; otherwise the
         eigenpairs come from block Krylov on Fisher products ``F V``, one gradient pass per block, nothing held
         (Krylov accuracy, residuals logged; ``iterations`` on the basis counts the products).
         ``data_parallel=True``: every process calls this with the same data, computes the gradients of its share of
@@ -98,14 +103,14 @@ class CurvatureMethods(ModelWiring):
             raise InvalidInputError(f"rank={rank} exceeds the {count} Hessian examples, the largest rank the empirical Fisher "
                                     "can have: lower rank or pass more Hessian data.")
         dtype = accumulation_dtype(self._params())
-        size = count * num * torch.finfo(dtype).bits // 8
+        size = held_bytes(count, num, torch.finfo(dtype).bits // 8)
         grad_fn = self._grad_fn(self.train_loss)
         with eval_mode(self.model):
             if size <= self.memory_budget:
                 eigenvalues, eigenvectors = fisher_eigenpairs(grad_fn, batches, rank, data_parallel, self.progress)
                 return self._basis(eigenvalues, eigenvectors, 0, "fisher")
             iterations = implicit_iterations(rank)
-            logger.info(f"fit_fisher: {count} × {num:,} per-example gradients ({size / 2**30:.2f} GiB) exceed memory_budget_gb="
+            logger.info(f"fit_fisher: {count} × {num:,} per-example gradients (held for the SVD: {size / 2**30:.2f} GiB) exceed memory_budget_gb="
                         f"{self.memory_budget / 2**30:g}; fitting by block Krylov on Fisher products instead ({iterations} products, "
                         "each block one gradient pass, no gradients held).")
             operator = functools.partial(fisher_product, grad_fn, batches, across_processes=data_parallel)
@@ -114,6 +119,7 @@ class CurvatureMethods(ModelWiring):
         return self._basis(pairs.eigenvalues, pairs.eigenvectors, products, "fisher")
 
     @refuses_autocast
+    @costed("spectrum")
     def spectrum(
         self,
         hessian_data: Any,
@@ -136,8 +142,7 @@ class CurvatureMethods(ModelWiring):
                 share of the Hessian batches and the products are summed, so all get the same estimate.
             The estimate runs over the ``hessian_examples`` rows every Hessian pass uses.
         """
-        if method not in ("lanczos", "power") or trace_estimator not in ("hutch++", "hutchinson"):
-            raise InvalidInputError(f"method must be 'lanczos' or 'power' and trace_estimator 'hutch++' or 'hutchinson'; got {method!r}, {trace_estimator!r}.")
+        check_spectrum_request(method, trace_estimator)
         self.check_data(**{"Hessian data": hessian_data})
         batches = self._materialize(hessian_data)
         params = self._params()
@@ -158,6 +163,7 @@ class CurvatureMethods(ModelWiring):
         return Spectrum(top, top_err, trace, stderr, hvps + trace_matvecs, **extremes)
 
     @refuses_autocast
+    @costed("exact_hessian")
     def exact_hessian(self, hessian_data: Any) -> torch.Tensor:
         """The explicit ``[P, P]`` Hessian of the mean loss (small parameter sets only)."""
         self.check_data(**{"Hessian data": hessian_data})
@@ -165,6 +171,7 @@ class CurvatureMethods(ModelWiring):
             return explicit_hessian(self.train_loss, self._params(), self._materialize(hessian_data), progress=self.progress)
 
     @refuses_autocast
+    @costed("s_test")
     def s_test(self, test_data: Any, hessian_data: Any, lissa: str | LissaConfig = "auto") -> torch.Tensor:
         """``(H + λI)^-1 ∇L(z_test)`` by LiSSA for each test example: ``[n_test, P]`` (``named_parameters()`` order).
 
@@ -175,6 +182,7 @@ class CurvatureMethods(ModelWiring):
         return self.solve_s_test(test_data, hessian_data, lissa).solution.T
 
     @refuses_autocast
+    @costed("solve_s_test")
     def solve_s_test(self, test_data: Any, hessian_data: Any, lissa: str | LissaConfig | ResolvedLissa = "auto") -> LissaResult:
         """:meth:`s_test` with the solver's record: ``solution`` ``[P, n_test]``, ``hvps`` (minibatch HVPs, all
         processes), the `LissaConfig` it ended with (a divergence restart raises ``scale``) and the norms."""

@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from .config import BasisConfig, InfluenceConfig, Method, as_choice
 from ._utils.errors import InvalidInputError
+from .cost_estimate import costed
 from .curvature import CurvatureMethods
 from .data import check_in_order, dataset_of, make_loader
 from .engine.grads import eval_mode
@@ -91,6 +92,7 @@ class Influence(CurvatureMethods):
     # ----------------------------------------------------------------- public surface
 
     @refuses_autocast
+    @costed("scores")
     def scores(
         self,
         test_data: Any,
@@ -170,6 +172,7 @@ class Influence(CurvatureMethods):
         return query_index(self, index, test_data, k, direction, approximate, train_data)
 
     @refuses_autocast
+    @costed("self_influence")
     def self_influence(
         self,
         train_data: Any,
@@ -189,6 +192,7 @@ class Influence(CurvatureMethods):
             return self_scores(precondition, train_fn, self._loader(train_data), self._device(), self.progress, self._dtype())
 
     @refuses_autocast
+    @costed("gradients")
     def gradients(self, data: Any, test_side: bool = False) -> torch.Tensor:
         """Per-example loss gradients over the selection: ``[N, P]`` (``named_parameters()`` order), fp32 or wider.
 

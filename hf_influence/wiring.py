@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from ._utils.errors import InvalidInputError, TaskInferenceError
 from .config import InfluenceConfig
+from .cost import estimate
+from .cost_estimate import CostEstimate
 from .data import dataset_of, make_loader, select_rows, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hooks import hook_plan
@@ -69,6 +71,17 @@ class ModelWiring:
             check_examples(data, self.limits, role)
             if fingerprint is not None:
                 self._checked.add(fingerprint)
+
+    def estimate_cost(self, action: str, *args: Any, **kwargs: Any) -> CostEstimate:
+        """What ``self.<action>(*args, **kwargs)`` would cost, without running it: parameters selected, memory held at
+        once (basis, Krylov vectors, per-example gradients, explicit Hessian), passes and HVPs over the Hessian rows.
+
+        ``action`` is one of ``fit_arnoldi``, ``fit_basis``, ``fit_fisher``, ``spectrum``, ``exact_hessian``, ``s_test``,
+        ``solve_s_test``, ``gradients``, ``scores``, ``self_influence``; the arguments are that method's. Each of those
+        methods logs this estimate at INFO and raises `MemoryBudgetError` (with the ways out) before any work when it
+        cannot fit ``memory_budget_gb``. See `hf_influence.cost`.
+        """
+        return estimate(self, action, *args, **kwargs)
 
     def _check_precision(self) -> None:
         """Refuse mixed precision: under ``torch.autocast`` the gradients and HVPs would run in half precision."""

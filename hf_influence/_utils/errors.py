@@ -26,6 +26,19 @@ class IncompatibleBasisError(HfInfluenceError, ValueError):
     """A saved artifact (eigenbasis, index, shard, s_test) belongs to another model, selection or configuration."""
 
 
+class MemoryBudgetError(HfInfluenceError, ValueError):
+    """A call would hold more than ``memory_budget_gb`` at once (see ``Influence.estimate_cost``); refused before any
+    work. The message names what does not fit, the figures, and the settings that make it fit.
+
+    Attributes:
+        estimate (`CostEstimate`): the estimate that was refused.
+    """
+
+    def __init__(self, message: str, estimate=None):
+        super().__init__(message)
+        self.estimate = estimate
+
+
 class NonFiniteError(HfInfluenceError, FloatingPointError):
     """NaN or Inf appeared in a loss, gradient or Hessian-vector product."""
 

@@ -26,6 +26,13 @@ from ..data import Batch, batch_size_of
 from .grads import LossFunction, Params, accumulation_dtype, check_finite
 
 logger = logging.get_logger(__name__)
+PASS_COPIES = 6  # [P, k]-sized buffers alive in a pass of k vectors: vectors, tangents, products, batched grads, result
+EXPLICIT_CHUNK = 64  # columns per pass of the explicit Hessian
+
+
+def pass_bytes(vectors: int, num_params: int, itemsize: int) -> int:
+    """Memory one pass of ``vectors`` HVPs holds beside the model: ``PASS_COPIES`` buffers of ``[P, k]``."""
+    return PASS_COPIES * vectors * num_params * itemsize
 
 
 def batch_hvp(loss_fn: LossFunction, params: Params, batch: Batch, vectors: torch.Tensor, where: str = "a minibatch") -> torch.Tensor:
@@ -103,7 +110,7 @@ def dataset_hvp(
 
 
 def explicit_hessian(
-    loss_fn: LossFunction, params: Params, batches: list[Batch], chunk_size: int = 64, progress: bool = True
+    loss_fn: LossFunction, params: Params, batches: list[Batch], chunk_size: int = EXPLICIT_CHUNK, progress: bool = True
 ) -> torch.Tensor:
     """The ``[P, P]`` Hessian of the mean loss over ``batches``, column block by column block.
 

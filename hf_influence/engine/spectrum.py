@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .._utils.errors import InvalidInputError
+
 HVP = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -55,6 +57,18 @@ class Spectrum:
         bottom = "" if self.lambda_min is None else f", λ_min={self.lambda_min:.4g}±{self.lambda_min_error:.2g}"
         return (f"Spectrum(λ_max={self.lambda_max:.4g}±{self.lambda_max_error:.2g}{bottom}, "
                 f"tr(H)={self.trace:.4g}±{self.trace_stderr:.2g}, {self.hvps} HVPs)")
+
+
+def check_spectrum_request(method: str, trace_estimator: str) -> None:
+    """The extremes come from ``"lanczos"`` or ``"power"``, the trace from ``"hutch++"`` or ``"hutchinson"``."""
+    if method not in ("lanczos", "power") or trace_estimator not in ("hutch++", "hutchinson"):
+        raise InvalidInputError(f"method must be 'lanczos' or 'power' and trace_estimator 'hutch++' or 'hutchinson'; got {method!r}, {trace_estimator!r}.")
+
+
+def hutchpp_blocks(matvecs: int) -> tuple[int, int, int]:
+    """Vectors in Hutch++'s three passes: the sketch, its projection (a third each), and the probes (the rest, >= 1)."""
+    third = max(1, matvecs // 3)
+    return third, third, max(1, matvecs - 2 * third)
 
 
 def krylov_iteration(hvp: HVP, start: torch.Tensor, iterations: int, progress: bool = True, desc: str = "Krylov") -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,10 +137,10 @@ def hutchpp_trace(hvp: HVP, num_params: int, matvecs: int, generator: torch.Gene
     Uses ``matvecs`` HVPs (a third for the sketch, a third to project, a third for probes).
     The error bar is the standard error of the Hutchinson part.
     """
-    third = max(1, matvecs // 3)
+    third, _, rest = hutchpp_blocks(matvecs)
     sketch, _ = torch.linalg.qr(hvp(rademacher(num_params, third, generator, dtype, device)))  # [P, third]
     top = float((sketch * hvp(sketch)).sum())
-    g = rademacher(num_params, max(1, matvecs - 2 * third), generator, dtype, device)
+    g = rademacher(num_params, rest, generator, dtype, device)
     g = g - sketch @ (sketch.T @ g)
     samples = (g * hvp(g)).sum(dim=0).double()
     stderr = float(samples.std() / math.sqrt(samples.numel())) if samples.numel() > 1 else float("inf")

@@ -26,13 +26,13 @@ from transformers.utils import logging
 
 from ..._utils import comm
 from ...config import Algorithm
+from ..hvp import pass_bytes
 from ..spectrum import krylov_iteration
 from .base import RitzPairs, distill, log_residuals
 
 logger = logging.get_logger(__name__)
 HVP = Callable[[torch.Tensor], torch.Tensor]  # [P, b] -> [P, b]
 _DEFLATION = 1e-10  # a direction whose norm after orthogonalisation is below this (relative) is dropped
-_WORKING_COPIES = 6  # block-sized [P, b] buffers alive in a pass: vectors, tangents, products, batched grads
 _PROBE = 8  # vectors in the timed pass that sizes the block
 _MAX_WIDTH = 64
 
@@ -79,31 +79,41 @@ def block_steps(iterations: int, width: int) -> int:
 
 
 def max_block_width(num_params: int, itemsize: int, memory_budget: float) -> int:
-    """Widest block whose ``_WORKING_COPIES`` buffers of ``b × num_params`` values fit ``memory_budget`` bytes (>= 1)."""
-    return max(1, int(memory_budget // (_WORKING_COPIES * num_params * itemsize)))
+    """Widest block whose pass buffers (``hvp.pass_bytes``) fit ``memory_budget`` bytes (>= 1)."""
+    return max(1, int(memory_budget // pass_bytes(1, num_params, itemsize)))
+
+
+def candidate_widths(num_params: int, itemsize: int, memory_budget: float) -> list[int]:
+    """The block widths :func:`plan_blocks` chooses among: powers of two up to the widest within the budget (at most 64)."""
+    widest = min(max_block_width(num_params, itemsize, memory_budget), _MAX_WIDTH)
+    return [2**k for k in range(int(math.log2(widest)) + 1)]
+
+
+def timing_widths(widths: list[int]) -> tuple[int, ...]:
+    """The widths of the timed passes that choose among ``widths``: none when there is no choice, else 1 and the probe."""
+    return () if widths[-1] == 1 else (1, min(_PROBE, widths[-1]))
 
 
 def plan_blocks(hvp: HVP, num_params: int, iterations: int, like: torch.Tensor, memory_budget: float) -> BlockPlan:
     """The block width (a power of two within the memory budget) that minimises ``steps × (c0 + c1·b)``, with
     the time per pass measured once with 1 and once with ``_PROBE`` vectors (c0: the forward and first
     backward of every Hessian batch, c1: each product)."""
-    widest = min(max_block_width(num_params, like.element_size(), memory_budget), _MAX_WIDTH)
-    probe = min(_PROBE, widest)
-    if probe == 1:
+    widths = candidate_widths(num_params, like.element_size(), memory_budget)
+    timed = timing_widths(widths)
+    if not timed:
         return BlockPlan(1, iterations)
     seconds = []
-    for width in (1, probe):
+    for width in timed:
         vectors = torch.ones(num_params, width, dtype=like.dtype, device=like.device)
         started = time.perf_counter()
         hvp(vectors)
         seconds.append(time.perf_counter() - started)
-    per_vector = max(0.0, (seconds[1] - seconds[0]) / (probe - 1))
+    per_vector = max(0.0, (seconds[1] - seconds[0]) / (timed[1] - 1))
     fixed = max(seconds[0] - per_vector, 0.0)
-    widths = [2**k for k in range(int(math.log2(widest)) + 1)]
     cost = {w: block_steps(iterations, w) * (fixed + per_vector * w) for w in widths}
     width = min(widths, key=lambda w: (cost[w], w))
     logger.info(f"Block Krylov: a pass costs {fixed * 1e3:.1f} ms + {per_vector * 1e3:.1f} ms per vector; blocks of {width} "
-                f"(at most {widest} fit memory_budget_gb) cut the estimated fit time {cost[1] / cost[width]:.1f}x.")
+                f"(at most {widths[-1]} fit memory_budget_gb) cut the estimated fit time {cost[1] / cost[width]:.1f}x.")
     return BlockPlan(width, block_steps(iterations, width))
 
 

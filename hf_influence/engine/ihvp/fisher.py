@@ -38,6 +38,12 @@ def fisher_eigenpairs(grad_fn: GradFn, batches: Sequence[Batch], rank: int, acro
     return singular[:rank] ** 2, fix_signs(right[:rank])
 
 
+def held_bytes(count: int, num_params: int, itemsize: int) -> int:
+    """Memory :func:`fisher_eigenpairs` holds at once: the ``[n, P]`` gradients, their scaled copy and the right
+    singular vectors. The gradients are held when this fits the memory budget; otherwise :func:`fisher_product` streams."""
+    return 3 * count * num_params * itemsize
+
+
 def fisher_rows(grad_fn: GradFn, batches: Sequence[Batch], across_processes: bool = False, progress: bool = True) -> torch.Tensor:
     """Per-example gradients of every example in ``batches``, in batch order: ``[n, P]``."""
     if not across_processes or comm.world_size() == 1:

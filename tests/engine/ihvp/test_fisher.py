@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from datasets import concatenate_datasets
+
 import hf_influence as hfi
 from hf_influence._utils.errors import InvalidInputError
+from hf_influence.engine.ihvp.fisher import held_bytes
 from hf_influence.data import PaddingCollator
 
 DAMPING = 0.05
@@ -54,11 +57,14 @@ def test_full_rank_self_influence_is_the_damped_fisher_inverse(fitted):
 
 
 def test_over_the_memory_budget_block_krylov_on_fisher_products_finds_the_same_eigenpairs(fitted):
-    """12 × P gradients (~20 KiB) over a 10 KiB budget: no rows held, F V streamed from gradient passes."""
+    """The 12 rows five times (the same F): holding 60 × P gradients for the SVD (~0.45 MiB) is over a 0.3 MiB budget
+    that the streamed fit fits in (its Krylov vectors grow with the rank, not the rows): F V from gradient passes."""
     inf, hessian, fisher, _ = fitted
-    small = hfi.Influence(inf.model, params=[r"classifier", r"pooler"], damping=DAMPING, batch_size=5, progress=False, memory_budget_gb=1e-5)
-    assert len(hessian) * small.selection.num_params * 8 > small.memory_budget
-    basis = small.fit_fisher(hessian, rank=6)
+    rows = concatenate_datasets([hessian] * 5)
+    small = hfi.Influence(inf.model, params=[r"classifier", r"pooler"], damping=DAMPING, batch_size=5, progress=False, memory_budget_gb=3e-4)
+    assert held_bytes(len(rows), small.selection.num_params, 8) > small.memory_budget
+    assert small.estimate_cost("fit_fisher", rows, rank=6).grads.startswith("formed per Hessian batch, streamed")
+    basis = small.fit_fisher(rows, rank=6)
     values, vectors = torch.linalg.eigh(fisher)
     top = values.argsort(descending=True)[:6]
     torch.testing.assert_close(basis.eigenvalues, values[top], rtol=1e-4, atol=1e-12)

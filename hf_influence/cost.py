@@ -1,0 +1,293 @@
+"""What a call will cost, before it runs: parameters selected, memory held at once, passes over the Hessian rows;
+and the refusal of what cannot fit ``memory_budget_gb``.
+
+``Influence.estimate_cost(action, *args, **kwargs)`` takes the name of a public method and the arguments that method
+takes, and returns a `CostEstimate` without running anything. Every one of those methods estimates its own call the
+same way (`hf_influence.cost_estimate.costed`), logs the estimate at INFO, and raises `MemoryBudgetError` before any work when what the
+call must hold at once exceeds the budget (a call made inside another, e.g. the fit inside ``scores``, was counted
+by the outer one). Sizes count the large tensors hf_influence holds, in the accumulation dtype (fp32, fp64 for fp64
+models): bases, Krylov vectors, per-example gradients, the explicit Hessian, LiSSA iterates, scores. The model, its
+activations and the data are not counted. Each rule behind a figure lives with the code that applies it and is
+called from here: block widths (``ihvp/block.py``), pass buffers (``hvp.py``), the Fisher SVD (``ihvp/fisher.py``),
+the projection path (``projection.py``), LiSSA presets (``ihvp/lissa.py``), Krylov steps (``config.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ._utils.errors import HfInfluenceError, InvalidInputError
+from .config import Algorithm, BasisConfig, Curvature, Method, as_choice, implicit_iterations
+from .cost_estimate import CostEstimate, MemoryPart
+from .data import batch_size_of, dataset_of
+from .engine.grads import accumulation_dtype
+from .engine.hvp import EXPLICIT_CHUNK, pass_bytes
+from .engine.ihvp.block import block_steps, candidate_widths, timing_widths
+from .engine.ihvp.fisher import held_bytes
+from .engine.ihvp.lissa import LissaConfig
+from .engine.projection import choose_projection
+from .engine.spectrum import check_spectrum_request, hutchpp_blocks
+
+FEWER_ROWS = "fewer rows per call (split the data, or run `hf-influence score`, which streams shards)"
+
+
+class _Cost:
+    """Collects the parts of one estimate: memory held at once, passes, notes."""
+
+    def __init__(self, owner: Any, action: str):
+        self.owner, self.action = owner, action
+        self.P, self.budget, self.B = owner.selection.num_params, owner.memory_budget, owner.batch_size
+        self.d = torch.finfo(accumulation_dtype(owner._params())).bits // 8
+        self.parts: list[MemoryPart] = []
+        self.spare = 0  # bytes the parts hold beyond the least the call needs (block fits at width 1)
+        self.fields: dict[str, Any] = {"passes": 0, "products": 0, "batch_hvps": 0, "lissa_hvps": 0}
+        self.notes: list[str] = []
+        self.largest = self.B  # rows in the largest Hessian batch
+
+    def hold(self, what: str, kind: str, rows: float, way_out: str) -> None:
+        """``rows`` vectors of P values held at once."""
+        self.parts.append(MemoryPart(what, kind, int(rows * self.P * self.d), way_out))
+
+    def hessian(self, data: Any, batch_size: int | None = None) -> None:
+        """The Hessian rows and batches every pass runs over: the facade's own batches (collated, nothing run)."""
+        try:
+            batches = self.owner._materialize(data, batch_size)
+        except (HfInfluenceError, TypeError, ValueError, KeyError, IndexError):  # the method's data check says what is wrong
+            return
+        self.fields.update(hessian_rows=sum(batch_size_of(b) for b in batches), hessian_batches=len(batches))
+        self.largest = max(batch_size_of(b) for b in batches)
+
+    def passes(self, passes: int, products: int) -> None:
+        self.fields["passes"] += passes
+        self.fields["products"] += products
+        if self.fields.get("hessian_batches") is not None:
+            self.fields["batch_hvps"] += passes * self.fields["hessian_batches"]
+
+    def basis(self, rank: int, what: str = "basis") -> None:
+        self.fields["rank"] = rank
+        self.hold(f"{what} [{rank}, P]", "basis", rank, "a lower rank")
+
+    def gradients(self, rows: int, how: str) -> None:
+        """Per-example gradients ``[rows, P]`` formed per batch (``how`` says how they are taken)."""
+        self.fields["grads"] = how
+        self.hold(f"per-example gradients [{rows}, P] per batch", "grads", rows, f"a smaller batch_size ({self.B} now)")
+
+    def krylov(self, iterations: int, algorithm: Algorithm, operator: str = "HVP", way_out: str = "fewer iterations") -> None:
+        """A Krylov fit of ``iterations`` steps; block widths and passes follow the block planner's rules."""
+        self.fields["operator"] = operator
+        if algorithm is Algorithm.ARNOLDI:
+            self.passes(iterations, iterations)
+            self.hold(f"Krylov vectors [{iterations + 1}, P], twice while re-orthogonalising", "krylov", 2 * (iterations + 1), way_out)
+            self.hold("pass buffers of 1 vector", "working", pass_bytes(1, 1, 1), "")
+            return
+        widths = candidate_widths(self.P, self.d, self.budget)
+        timed, steps = timing_widths(widths), {w: block_steps(iterations, w) for w in widths}
+        width = min(widths, key=lambda w: (steps[w], w))  # the planner's choice when a pass costs the same at any width
+        self.passes(len(timed) + steps[width], sum(timed) + width * steps[width])
+        self.hold(f"block Krylov vectors [{(steps[width] + 1) * width}, P], twice while re-orthogonalising", "krylov",
+                  2 * (steps[width] + 1) * width, way_out)
+        self.hold(f"pass buffers of {width} vector{'s' * (width > 1)}", "working", pass_bytes(width, 1, 1), "")
+        self.spare += (2 * ((steps[width] + 1) * width - iterations - 1) + pass_bytes(width - 1, 1, 1)) * self.P * self.d
+        if len(widths) > 1:
+            self.notes.append(f"block width chosen at run time by {len(timed)} timed passes: {steps[width]} passes of {width} vectors "
+                              f"if a pass costs the same at any width, up to {iterations} passes of 1")
+
+    def fit(self, data: Any, rank: int, iterations: int, algorithm: Algorithm) -> None:
+        self.hessian(data)
+        self.basis(rank)
+        self.krylov(iterations, algorithm)
+
+    def exact(self, decomposed: bool) -> None:
+        self.passes(math.ceil(self.P / EXPLICIT_CHUNK), self.P)
+        self.hold("explicit Hessian [P, P]", "hessian", self.P, "method='arnoldi' or 'lissa' (no P × P matrix)")
+        copies = max(3 * self.d, 16) if decomposed else 3 * self.d  # columns, concatenation, symmetrisation; fp64 copy, eigenvectors
+        self.hold("its working copies (forming" + (" and decomposing it)" if decomposed else " it)"), "working", self.P * copies / self.d, "")
+
+    def spectrum(self, method: str = "lanczos", iterations: int = 30, trace_estimator: str = "hutch++", trace_matvecs: int = 30) -> None:
+        check_spectrum_request(method, trace_estimator)
+        if method == "lanczos":
+            self.passes(iterations, iterations)
+            self.hold(f"Lanczos vectors [{iterations + 1}, P], twice while re-orthogonalising", "krylov", 2 * (iterations + 1), "fewer iterations")
+        else:
+            self.passes(iterations, iterations)
+            self.notes.append(f"power iteration: at most {iterations} passes")
+        blocks = hutchpp_blocks(trace_matvecs) if trace_estimator == "hutch++" else (trace_matvecs,)
+        for block in blocks:
+            self.passes(1, block)
+        self.hold(f"trace probes and products [{2 * sum(blocks[-2:])}, P]", "working", 2 * sum(blocks[-2:]) + pass_bytes(max(blocks), 1, 1),
+                  "fewer trace_matvecs")
+
+    def lissa(self, data: Any, lissa: Any, columns: int | None, solves: int | None) -> None:
+        """LiSSA solves with ``columns`` right-hand sides each (the spectrum first for ``"auto"``)."""
+        config = getattr(lissa, "config", lissa)  # a ResolvedLissa carries its LissaConfig
+        if isinstance(lissa, str) and lissa in ("fastif", "koh_liang"):
+            config = getattr(LissaConfig, lissa)(damping=self.owner.damping, seed=self.owner.seed)
+        if isinstance(lissa, str) and lissa == "auto":
+            self.hessian(data)
+            self.spectrum()
+            self.notes.append("LiSSA's depth, repeats and minibatch are chosen from the spectrum at run time: not counted")
+        if not isinstance(config, LissaConfig) or columns is None or solves is None:
+            return
+        repeats = config.max_repeats or config.repeats
+        hvps = config.steps * repeats * sum(4**attempt for attempt in range(config.restarts + 1)) * solves
+        if config.tolerance is not None or repeats != config.repeats or config.restarts:
+            self.notes.append("LiSSA: at most (early stop, adaptive repeats or restarts may stop sooner)")
+        self.fields.update(lissa_hvps=hvps, lissa_rows=config.batch_size)
+        self.hold(f"LiSSA iterates [5 × {columns}, P] and pass buffers", "working", 5 * columns + pass_bytes(columns, 1, 1),
+                  f"fewer rows per call ({columns} right-hand sides)")
+
+    def projection(self, rank: int) -> None:
+        mode = self.owner.projection
+        mode = choose_projection(self.P, rank, self.B, self.budget) if mode == "auto" else mode
+        if mode == "jvp":
+            self.fields["grads"] = f"none formed: forward-mode JVPs along the {rank} directions"
+        else:
+            self.gradients(self.B, "projected; after the first batch hooks (where they apply) project module by module without [B, P]")
+
+    def method_parts(self, method: Method, train: Any, hessian_data: Any, basis: Any, lissa: Any, rank: int,
+                     columns: int | None, solves: int | None) -> None:
+        """The cost of ``Influence._method_parts`` (the preconditioner and the training side's features)."""
+        hessian_data = train if hessian_data is None else hessian_data
+        if method is Method.ARNOLDI:
+            if basis is None:
+                self.fit(hessian_data, rank, implicit_iterations(rank), Algorithm.ARNOLDI)
+            else:
+                self.basis(basis.rank)
+            self.projection(self.fields["rank"])
+        elif method is Method.RANDPROJ:
+            self.hessian(hessian_data)
+            self.basis(rank, "random subspace")
+            self.passes(1, rank)
+            self.hold(f"its Hessian products [{rank}, P] and pass buffers", "working", rank + pass_bytes(rank, 1, 1), "a lower rank")
+            self.projection(rank)
+            if getattr(self.owner.config, "random_projection", "dense") != "dense":
+                self.notes.append("estimated for the dense random map")
+        else:
+            self.gradients(self.B, "formed" if method is not Method.TRACIN else "formed (self-influence: hooks take norms after the first batch)")
+        if method is Method.EXACT:
+            self.hessian(hessian_data)
+            self.exact(decomposed=True)
+        if method is Method.LISSA:
+            self.lissa(hessian_data, lissa, columns, solves)
+
+    def done(self) -> CostEstimate:
+        return CostEstimate(self.action, self.P, self.d, self.B, self.budget, tuple(self.parts), spare_bytes=self.spare,
+                            notes=tuple(self.notes), **self.fields)
+
+
+def _rows(data: Any) -> int | None:
+    try:
+        return len(dataset_of(data))
+    except TypeError:  # not sized: the method's data check says what is wrong
+        return None
+
+
+def _batches(cost: _Cost, data: Any) -> int | None:
+    rows = _rows(data)
+    size = data.batch_size if isinstance(data, DataLoader) and data.batch_size else cost.B
+    return None if rows is None else math.ceil(rows / size)
+
+
+# One estimator per public method, with that method's signature (tests/test_cost.py holds them to it).
+
+def fit_arnoldi(owner, hessian_data, rank=BasisConfig.rank, iterations=BasisConfig.iterations, seed=None,
+                algorithm=BasisConfig.algorithm, data_parallel=False, *, action="fit_arnoldi"):
+    config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm)
+    cost = _Cost(owner, action)
+    cost.fit(hessian_data, config.rank, config.iterations, Algorithm(config.algorithm))
+    return cost.done()
+
+
+def fit_fisher(owner, hessian_data, rank=BasisConfig.rank, data_parallel=False, *, action="fit_fisher"):
+    cost = _Cost(owner, action)
+    cost.hessian(hessian_data, cost.B)  # [B, P] gradients per batch: batch_size rows
+    cost.basis(rank)
+    rows = cost.fields.get("hessian_rows")
+    if rows is not None and held_bytes(rows, cost.P, cost.d) <= cost.budget:
+        cost.fields["grads"] = "held for one SVD"
+        cost.hold(f"per-example gradients [{rows}, P], their scaled copy and the SVD's right vectors", "held", 3 * rows,
+                  "fewer Hessian rows (hessian_examples)")
+    else:
+        cost.gradients(cost.largest, "formed per Hessian batch, streamed into Fisher products")
+        cost.krylov(implicit_iterations(rank), Algorithm.BLOCK, "Fisher product", "a lower rank (the fit takes max(2 × rank, rank + 20) steps)")
+    return cost.done()
+
+
+def fit_basis(owner, hessian_data, rank=BasisConfig.rank, iterations=BasisConfig.iterations, curvature=BasisConfig.curvature,
+              algorithm=BasisConfig.algorithm, data_parallel=False):
+    config = BasisConfig(rank, iterations, curvature, algorithm)
+    if config.curvature == Curvature.FISHER:
+        return fit_fisher(owner, hessian_data, config.rank, action="fit_basis")
+    return fit_arnoldi(owner, hessian_data, config.rank, config.iterations, algorithm=config.algorithm, action="fit_basis")
+
+
+def spectrum(owner, hessian_data, method="lanczos", iterations=30, trace_estimator="hutch++", trace_matvecs=30, data_parallel=False):
+    cost = _Cost(owner, "spectrum")
+    cost.hessian(hessian_data)
+    cost.spectrum(method, iterations, trace_estimator, trace_matvecs)
+    return cost.done()
+
+
+def exact_hessian(owner, hessian_data):
+    cost = _Cost(owner, "exact_hessian")
+    cost.hessian(hessian_data)
+    cost.exact(decomposed=False)
+    return cost.done()
+
+
+def s_test(owner, test_data, hessian_data, lissa="auto", *, action="s_test"):
+    cost = _Cost(owner, action)
+    rows = _rows(test_data)
+    cost.hessian(hessian_data)
+    cost.gradients(cost.B, "formed")
+    cost.hold(f"test gradients [{rows}, P]", "held", rows or 0, FEWER_ROWS)
+    cost.lissa(hessian_data, lissa, rows, 1)
+    return cost.done()
+
+
+def solve_s_test(owner, test_data, hessian_data, lissa="auto"):
+    return s_test(owner, test_data, hessian_data, lissa, action="solve_s_test")
+
+
+def gradients(owner, data, test_side=False):
+    cost = _Cost(owner, "gradients")
+    rows = _rows(data)
+    cost.gradients(cost.B, "formed")
+    cost.hold(f"all gradients [{rows}, P]", "held", rows or 0, FEWER_ROWS)
+    return cost.done()
+
+
+def scores(owner, test_data, train_data, method=Method.ARNOLDI, basis=None, hessian_data=None, lissa="auto",
+           rank=BasisConfig.rank, knn=None, index=None):
+    method = as_choice(Method, method, "method")
+    cost = _Cost(owner, "scores")
+    tests, trains = _rows(test_data), _rows(train_data)
+    cost.method_parts(method, train_data, hessian_data, basis, lissa, rank, tests, 1)
+    if method in (Method.TRACIN, Method.EXACT, Method.LISSA):
+        copies = 1 if method is Method.TRACIN else 2  # the test gradients, and their preconditioned copy
+        cost.hold(f"test gradients [{copies} × {tests}, P]", "held", copies * (tests or 0), FEWER_ROWS)
+    columns = trains if knn is None else knn
+    cost.parts.append(MemoryPart(f"scores [{tests}, {columns}]", "scores", (tests or 0) * (columns or 0) * cost.d, FEWER_ROWS))
+    return cost.done()
+
+
+def self_influence(owner, train_data, method=Method.ARNOLDI, basis=None, hessian_data=None, lissa="auto", rank=BasisConfig.rank):
+    method = as_choice(Method, method, "method")
+    cost = _Cost(owner, "self_influence")
+    cost.method_parts(method, train_data, hessian_data, basis, lissa, rank, cost.B, _batches(cost, train_data))
+    return cost.done()
+
+
+ESTIMATORS = {f.__name__: f for f in (fit_arnoldi, fit_basis, fit_fisher, spectrum, exact_hessian, s_test, solve_s_test,
+                                      gradients, scores, self_influence)}
+
+
+def estimate(owner: Any, action: str, *args: Any, **kwargs: Any) -> CostEstimate:
+    """The `CostEstimate` of ``owner.<action>(*args, **kwargs)``; nothing runs."""
+    if action not in ESTIMATORS:
+        raise InvalidInputError(f"estimate_cost: action must be one of {sorted(ESTIMATORS)}, got {action!r}.")
+    return ESTIMATORS[action](owner, *args, **kwargs)
