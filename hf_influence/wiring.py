@@ -168,6 +168,11 @@ class ModelWiring:
             raise InvalidInputError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
         generator, dtype = torch.Generator().manual_seed(self.seed), accumulation_dtype(self._params())
         if self.config.random_projection == "kronecker":
+            if rank < len(self.selection.names):
+                raise InvalidInputError(
+                    f"random_projection='kronecker' gives each of the {len(self.selection.names)} selected tensors at least one "
+                    f"feature, so rank must be >= {len(self.selection.names)}, got {rank}: raise rank, narrow the selection "
+                    "(params= / last_n_layers=), or use random_projection='dense'.")
             return KroneckerMap.draw(self.selection.names, self.selection.shapes, rank, generator, dtype).to(self._device())
         return random_subspace(self.selection.num_params, rank, generator, dtype).to(self._device())
 

@@ -10,9 +10,10 @@ The map ``Φ`` (``[p̄, P]``) is block diagonal over the selected parameters and
   are ``Σ_t R_r[:, id_t] (R_c g_t)ᵀ``: the columns of ``R_r`` gathered at the ids (padding ids excluded);
 - a vector (bias, LayerNorm weight) gets one dense factor ``R`` ``[p_b, n]`` applied to its ``[B, n]`` gradient.
 
-Widths: ``p̄`` is split over parameters in proportion to ``sqrt(n_b)`` (``n_b`` the parameter's size), each capped at
-``n_b`` (what a capped one leaves is split again over the rest), rounded to integers by largest remainder; a matrix's
-grid is the near-square ``k_r × k_c >= p_b`` with ``k_r <= n_r``, ``k_c <= n_c``.
+Widths: every parameter gets one feature (so no parameter's gradient is left out of the estimate; hence ``p̄`` must be
+at least the number of selected tensors), the rest of ``p̄`` is split in proportion to ``sqrt(n_b)`` (``n_b`` the
+parameter's size), each capped at ``n_b`` (what a capped one leaves is split again over the rest), rounded to
+integers by largest remainder; a matrix's grid is the near-square ``k_r × k_c >= p_b`` with ``k_r <= n_r``, ``k_c <= n_c``.
 
 Factors are seeded, with orthonormal rows (QR of a Gaussian, signs fixed, so each is uniformly distributed), hence
 ``Φ`` has orthonormal rows like the dense random subspace (`hf_influence.engine.scoring.random_subspace`): random
@@ -55,22 +56,25 @@ class Block:
 
 
 def split_width(sizes: list[int], rank: int) -> list[int]:
-    """Features per parameter: ``∝ sqrt(size)``, at most ``size``, summing to ``rank`` (``<= sum(sizes)``)."""
-    widths, open_, left = [0] * len(sizes), set(range(len(sizes))), rank
+    """Features per parameter: one each, the rest ``∝ sqrt(size)``, none above its size; summing to ``rank``
+    (``len(sizes) <= rank <= sum(sizes)``)."""
+    if not len(sizes) <= rank <= sum(sizes):
+        raise ValueError(f"rank {rank} outside [{len(sizes)}, {sum(sizes)}]: at least one feature per parameter, at most its size")
+    widths, open_, left = [1] * len(sizes), {b for b in range(len(sizes)) if sizes[b] > 1}, rank - len(sizes)
     while open_:
         total = sum(math.sqrt(sizes[b]) for b in open_)
-        capped = [b for b in open_ if left * math.sqrt(sizes[b]) / total >= sizes[b]]
+        capped = [b for b in open_ if 1 + left * math.sqrt(sizes[b]) / total >= sizes[b]]
         if not capped:
             break
         for b in capped:
-            widths[b], left = sizes[b], left - sizes[b]
+            widths[b], left = sizes[b], left - sizes[b] + 1
             open_.discard(b)
     if open_:
         total = sum(math.sqrt(sizes[b]) for b in open_)
         shares = {b: left * math.sqrt(sizes[b]) / total for b in open_}
         for b in open_:
-            widths[b] = math.floor(shares[b])
-        for b in sorted(open_, key=lambda b: (widths[b] - shares[b], b))[: left - sum(widths[b] for b in open_)]:
+            widths[b] += math.floor(shares[b])
+        for b in sorted(open_, key=lambda b: (math.floor(shares[b]) - shares[b], b))[: rank - sum(widths)]:
             widths[b] += 1
     return widths
 
@@ -96,7 +100,7 @@ class KroneckerMap:
     """The implicit ``[p̄, P]`` map (see the module docstring): ``φ = Φ g`` per example, ``Φ X``, ``Y Φ``, rows on demand.
 
     Args:
-        blocks (`list[Block]`): one per selected parameter, in the selection's order (``width`` 0: no features).
+        blocks (`list[Block]`): one per selected parameter, in the selection's order.
     """
 
     def __init__(self, blocks: list[Block]):
@@ -133,9 +137,7 @@ class KroneckerMap:
         blocks, offset = [], 0
         for name, shape, width in zip(names, shapes, split_width([math.prod(s) for s in shapes], rank)):
             matrix = _matrix_shape(shape)
-            if width == 0:
-                rows, cols = torch.zeros(0, 0), None
-            elif matrix is None:
+            if matrix is None:
                 rows, cols = factor(width, math.prod(shape)), None
             else:
                 k_r, k_c = grid(width, *matrix)
@@ -151,7 +153,7 @@ class KroneckerMap:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(b.rows.dtype for b in self.blocks if b.width)
+        return self.blocks[0].rows.dtype
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +162,7 @@ class KroneckerMap:
     @property
     def weights(self) -> torch.Tensor:
         """``[p̄]``: ``n_b / p_b`` on each feature of block b (``E[Φᵀ diag(weights) Φ] = I``)."""
-        return torch.cat([torch.full((b.width,), b.numel / b.width, dtype=torch.float64) for b in self.blocks if b.width])
+        return torch.cat([torch.full((b.width,), b.numel / b.width, dtype=torch.float64) for b in self.blocks])
 
     def to(self, *args, **kwargs) -> "KroneckerMap":
         """The map with its factors moved / cast as ``Tensor.to`` would (itself when nothing changes)."""
@@ -171,7 +173,7 @@ class KroneckerMap:
 
     def factors(self) -> torch.Tensor:
         """Every factor flattened and concatenated (``R_r`` then ``R_c``, block by block): what :meth:`from_factors` reads."""
-        parts = [t.reshape(-1) for b in self.blocks if b.width for t in (b.rows, b.cols) if t is not None]
+        parts = [t.reshape(-1) for b in self.blocks for t in (b.rows, b.cols) if t is not None]
         return torch.cat(parts)
 
     def project_block(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -195,7 +197,7 @@ class KroneckerMap:
 
     def project(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, p̄]`` = per-example gradients ``{name: [B, *shape]}`` times ``Φᵀ``."""
-        return torch.cat([self.project_block(b.name, grads[b.name]) for b in self.blocks if b.width], dim=1)
+        return torch.cat([self.project_block(b.name, grads[b.name]) for b in self.blocks], dim=1)
 
     def __matmul__(self, columns: torch.Tensor) -> torch.Tensor:
         """``Φ X``: ``[P, c]`` → ``[p̄, c]``."""
@@ -206,9 +208,6 @@ class KroneckerMap:
         """``Y Φ``: ``[n, p̄]`` → ``[n, P]`` (each block ``R_rᵀ Y_b R_c``)."""
         parts = []
         for b in self.blocks:
-            if b.width == 0:
-                parts.append(rows.new_zeros(rows.shape[0], b.numel))
-                continue
             y = rows[:, b.offset:b.offset + b.width]
             if b.cols is None:
                 parts.append(y @ b.rows)
@@ -231,21 +230,20 @@ class KroneckerProjections:
         self.kmap = kmap
         self.total = torch.zeros((size, kmap.shape[0]), dtype=dtype, device=device)
 
-    def _add(self, name: str, project: Callable[[], torch.Tensor]) -> None:
+    def _add(self, name: str, features: torch.Tensor) -> None:
         block = self.kmap.by_name[name]
-        if block.width:  # a parameter given no features costs nothing
-            self.total[:, block.offset:block.offset + block.width] += project()
+        self.total[:, block.offset:block.offset + block.width] += features
 
     def put(self, name: str, value: torch.Tensor) -> None:
-        self._add(name, lambda: self.kmap.project_block(name, value))
+        self._add(name, self.kmap.project_block(name, value))
 
     def outer(self, name: str, left: torch.Tensor, right: torch.Tensor) -> None:
-        self._add(name, lambda: self.kmap.project_outer(name, left, right))
+        self._add(name, self.kmap.project_outer(name, left, right))
 
     def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
         if padding_idx is not None:
             g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
-        self._add(name, lambda: self.kmap.project_lookup(name, ids, g))
+        self._add(name, self.kmap.project_lookup(name, ids, g))
 
 
 def hook_kronecker(loss_fn: LossFunction, batch: Batch, plan: dict, kmap: KroneckerMap) -> torch.Tensor:
@@ -268,12 +266,17 @@ def project_kronecker(loss_fn: LossFunction, params: Params, batch: Batch, kmap:
                              lambda plan: hook_kronecker(loss_fn, batch, plan, kmap), chunk_size)
 
 
+def subspace_rows_per_pass(rank: int, num_params: int, itemsize: int, memory_budget_bytes: float) -> int:
+    """Rows of a Kronecker map materialised per Hessian pass of :func:`subspace_hessian`: as many as fit the budget at
+    four ``[P, c]`` copies (rows, tangents, products, their flat copy), at least 1, at most ``rank``."""
+    return int(max(1, min(rank, memory_budget_bytes // (4 * num_params * itemsize))))
+
+
 def subspace_hessian(kmap: KroneckerMap, hvp: Callable[[torch.Tensor], torch.Tensor], memory_budget_bytes: float) -> torch.Tensor:
-    """``ΦHΦᵀ`` ``[p̄, p̄]`` from ``hvp`` (``[P, c]`` → ``H`` times it), ``c`` rows of ``Φ`` materialised at a time: as many
-    as fit ``memory_budget_bytes`` at four ``[P, c]`` copies (rows, tangents, products, their flat copy); each block of
-    rows costs one pass of Hessian-vector products over the Hessian rows."""
+    """``ΦHΦᵀ`` ``[p̄, p̄]`` from ``hvp`` (``[P, c]`` → ``H`` times it), ``c`` rows of ``Φ`` materialised at a time
+    (:func:`subspace_rows_per_pass`); each block of rows costs one pass of Hessian-vector products over the Hessian rows."""
     rank, num = kmap.shape
-    step = int(max(1, min(rank, memory_budget_bytes // (4 * num * kmap.dtype.itemsize))))
+    step = subspace_rows_per_pass(rank, num, kmap.dtype.itemsize, memory_budget_bytes)
     logger.info(f"Random projection (Kronecker map): the subspace Hessian takes {math.ceil(rank / step)} Hessian-vector "
                 f"pass(es), {step} of the {rank} map rows materialised at a time ({4 * step * num * kmap.dtype.itemsize / 2**30:.2f} "
                 "GiB with their products, within memory_budget_gb).")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hf_influence as hfi
+from hf_influence._utils.errors import InvalidInputError
 from hf_influence.data import PaddingCollator
 from hf_influence.engine import hooks
 from hf_influence.engine.grads import LossFunction, eval_mode, per_example_grad_tensors
@@ -41,12 +42,13 @@ def explicit_map(kmap: KroneckerMap) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("rank", [1, 57, 400])
-def test_hooked_projection_equals_gradients_times_the_explicit_map(name, rank):
+@pytest.mark.parametrize("width", ["one per tensor", "400"])
+def test_hooked_projection_equals_gradients_times_the_explicit_map(name, width):
     build, make_data, selecting = CASES[name]
     torch.manual_seed(0)
     model = build().double().eval()
     dataset, selection = make_data(6), select_parameters(model, **selecting)
+    rank = len(selection.names) if width == "one per tensor" else int(width)
     batch = PaddingCollator()([dataset[i] for i in range(6)])
     assert (batch["attention_mask"] == 0).any()  # padding in play
     loss_fn, params = LossFunction(model, infer_task(model), selection), selection.tensors(model)
@@ -85,9 +87,11 @@ def test_vmap_fallback_projects_the_same():
 
 
 def test_widths_follow_the_sqrt_rule_and_full_width_is_orthogonal():
-    assert split_width([100, 400, 10], 30) == [9, 18, 3]  # ∝ sqrt: 10, 20, 3.16 -> 30 · (0.3, 0.6, 0.095)
-    assert split_width([4, 100], 30) == [4, 26]  # its share, 30 · 2/12 = 5, exceeds the small one: capped, the rest to the other
-    assert split_width([3, 5, 7], 15) == [3, 5, 7] and sum(split_width([7, 9, 1000, 3], 13)) == 13
+    assert split_width([100, 400, 10], 30) == [9, 17, 4]  # 1 each, then 27 ∝ sqrt (10, 20, 3.16): 8.14, 16.28, 2.57
+    assert split_width([4, 100], 30) == [4, 26]  # the small one's 1 + 28 · 2/12 exceeds its size: capped, the rest to the other
+    assert split_width([3, 5, 7], 15) == [3, 5, 7] and split_width([7, 9, 1000, 3], 4) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="at least one feature per parameter"):
+        split_width([7, 9, 1000, 3], 3)
     shapes = [(5, 4), (4,), (3, 2, 2)]
     kmap = KroneckerMap.draw(["a", "b", "c"], shapes, 36, torch.Generator().manual_seed(0), torch.float64)
     phi = explicit_map(kmap)
@@ -130,6 +134,12 @@ def kron(bert_oracle):
     return inf, oracle
 
 
+def test_kronecker_rank_below_the_tensor_count_is_refused(kron):
+    inf, _ = kron
+    with pytest.raises(InvalidInputError, match=f"rank must be >= {len(inf.selection.names)}"):
+        inf._random_directions(len(inf.selection.names) - 1)
+
+
 def test_random_projection_equals_its_closed_form(kron):
     inf, oracle = kron
     rank = 60
@@ -154,7 +164,7 @@ def test_random_projection_at_full_width_is_exact(kron):
 def test_subspace_hessian_within_a_small_budget_is_the_same(kron):
     """A budget that holds one row of Φ at a time: one HVP pass per row, the same ``ΦHΦᵀ``."""
     inf, oracle = kron
-    kmap = inf._random_directions(9)
+    kmap = inf._random_directions(len(inf.selection.names) + 5)
     small = hfi.Influence(inf.model, last_n_layers=1, damping=utils.BERT_DAMPING, random_projection="kronecker",
                           memory_budget_gb=4.5 * inf.selection.num_params * 8 / 2**30, progress=False)
     phi = explicit_map(kmap.to(torch.float64))
