@@ -35,12 +35,13 @@ def trainer_configs(settings: dict, tmp_path) -> tuple:
     return tuple(args.influence_config(config) for config in (InfluenceConfig, BasisConfig, ScoringConfig))
 
 
-RECIPE_LACKS = ("projection", "random_projection", "memory_budget_gb", "curvature")  # settings a recipe YAML does not expose
+RECIPE_LACKS = ("projection", "random_projection", "memory_budget_gb", "curvature", "method")  # settings a recipe YAML does not expose
+# (a recipe names the method at each ranking)
 
 
 def recipe_configs(settings: dict, tmp_path) -> tuple:
-    """The recipe's keys (its own names for three of them) through its one map, back into the config classes."""
-    renamed = {"batch_size": "influence_batch_size", "method": "filter_method"}
+    """The recipe's keys (its own names for two of them) through its one map, back into the config classes."""
+    renamed = {"batch_size": "influence_batch_size"}
     given = {renamed.get(k, k): v for k, v in settings.items() if k != "rank"}
     recipe = RecipeArguments(**given, ranks=[settings.get("rank", BasisConfig.rank)], output_dir=str(tmp_path))
     trainer_args = hfi.InfluenceTrainingArguments(output_dir=str(tmp_path), **influence_settings(recipe))

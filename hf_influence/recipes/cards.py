@@ -45,7 +45,7 @@ def model_card(run: dict) -> ModelCard:
 
 def dataset_card(run: dict) -> DatasetCard:
     """The card of the filtered training set."""
-    data = DatasetCardData(pretty_name=f"{run['dataset_name']} filtered by {run['filter_method']} self-influence", tags=TAGS,
+    data = DatasetCardData(pretty_name=f"{run['dataset_name']} filtered by {run['filter_method']}", tags=TAGS,
                            language=run.get("languages"), size_categories=[_size_category(run["kept"])])
     return DatasetCard.from_template(data, template_path=str(TEMPLATES / "dataset_card.md"), pretty_name=data.pretty_name, **run)
 

@@ -15,6 +15,7 @@ LOCAL_NLI = {"sick": load_sick, "snli": load_snli}
 LOCAL_TRANSLATION = {"multi30k": load_multi30k}
 HUB_NLI = {"glue/mnli": ("nyu-mll/glue", "mnli", "train", "validation_matched"), "hub/snli": ("stanfordnlp/snli", None, "train", "test")}
 HUB_TRANSLATION = {"wmt16": ("wmt/wmt16", "de-en", "train", "test")}
+VALIDATION_SPLITS = {"sick": "validation"}  # clean held-out splits for validation influence (SICK: its TRIAL set)
 
 
 def load_nli(name: str, data_dir: str | None) -> tuple[Dataset, Dataset]:
@@ -27,6 +28,14 @@ def load_nli(name: str, data_dir: str | None) -> tuple[Dataset, Dataset]:
         splits = load_dataset(repo, config)
         return tuple(_nli_labels(splits[s].select_columns(["premise", "hypothesis", "label"]), f"{repo} {s}") for s in (train_split, test_split))
     raise InvalidInputError(_unknown(name, data_dir, LOCAL_NLI, HUB_NLI))
+
+
+def load_validation(name: str, data_dir: str | None) -> Dataset:
+    """The clean validation split of a local corpus (``VALIDATION_SPLITS``), columns as :func:`load_nli`."""
+    if name not in VALIDATION_SPLITS or name not in LOCAL_NLI or not data_dir:
+        raise InvalidInputError(f"No validation split for {name!r} (with data_dir={data_dir!r}); the recipe has one for "
+                                f"{sorted(VALIDATION_SPLITS)} read from data_dir.")
+    return LOCAL_NLI[name](data_dir)[VALIDATION_SPLITS[name]]
 
 
 def hub_id(name: str) -> tuple[str, str | None]:

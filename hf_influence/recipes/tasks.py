@@ -32,6 +32,7 @@ from ..tasks import Seq2SeqTask
 from ..trainer import InfluenceSeq2SeqTrainer, InfluenceSeq2SeqTrainingArguments, InfluenceTrainer, InfluenceTrainingArguments
 from .noise import flip_labels, permute_references
 from .presets import build_tokenizer, fast_tokenizer, tiny_bert_classifier, tiny_marian
+from .pretrained import load_pretrained
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 
@@ -49,7 +50,7 @@ def influence_settings(args: Any) -> dict[str, Any]:
         InfluenceConfig(params=args.params, last_n_layers=args.last_n_layers, damping=args.damping, batch_size=args.influence_batch_size,
                         seed=args.seed, hessian_examples=args.hessian_examples),
         BasisConfig(rank=max(args.ranks), iterations=args.iterations),
-        ScoringConfig(method=args.filter_method, shard_size=args.shard_size),
+        ScoringConfig(shard_size=args.shard_size),  # the method is named at each call: the recipe ranks by several
     )
     return {f"influence_{k}": v for config in configs for k, v in dataclasses.asdict(config).items()}
 
@@ -58,7 +59,8 @@ def _training_arguments(cls, config: Any, output_dir: Path, seed: int, **extra: 
     return cls(
         output_dir=str(output_dir), num_train_epochs=config.epochs, per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=64, learning_rate=config.learning_rate, warmup_steps=0.1, lr_scheduler_type="linear",
-        weight_decay=0.01, seed=seed, use_cpu=config.use_cpu or not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_strategy="no",
+        weight_decay=0.01, seed=seed, train_sampling_strategy="group_by_length" if config.group_by_length else "random", bf16=config.bf16,
+        use_cpu=config.use_cpu or not torch.cuda.is_available(), report_to="none", save_strategy="no", logging_strategy="no",
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, **influence_settings(config), **extra,
     )
 
@@ -73,7 +75,7 @@ class NliRecipeTask:
     def __init__(self, config: Any, train: Dataset):
         self.config = config
         if config.model_name_or_path:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+            self.tokenizer = load_pretrained(AutoTokenizer, config.model_name_or_path)
         else:
             self.tokenizer = fast_tokenizer(build_tokenizer([t for pair in zip(train["premise"], train["hypothesis"]) for t in pair]))
 
@@ -87,7 +89,7 @@ class NliRecipeTask:
     def model(self, seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         if self.config.model_name_or_path:
-            return AutoModelForSequenceClassification.from_pretrained(self.config.model_name_or_path, num_labels=len(NLI_LABELS))
+            return load_pretrained(AutoModelForSequenceClassification, self.config.model_name_or_path, num_labels=len(NLI_LABELS))
         return tiny_bert_classifier(len(self.tokenizer), self.tokenizer.pad_token_id, self.config.hidden_size, self.config.num_layers,
                                     self.config.max_length, len(NLI_LABELS))
 
@@ -129,7 +131,7 @@ class TranslationRecipeTask:
     def __init__(self, config: Any, train: Dataset):
         self.config = config
         if config.model_name_or_path:
-            self.tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+            self.tokenizer = load_pretrained(AutoTokenizer, config.model_name_or_path)
             return
         words = Tokenizer(models.WordLevel(unk_token="<unk>"))
         words.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -146,7 +148,7 @@ class TranslationRecipeTask:
     def model(self, seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
         if self.config.model_name_or_path:
-            return AutoModelForSeq2SeqLM.from_pretrained(self.config.model_name_or_path)
+            return load_pretrained(AutoModelForSeq2SeqLM, self.config.model_name_or_path)
         return tiny_marian(len(self.tokenizer), self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, self.config.hidden_size,
                            self.config.num_layers, self.config.max_length)
 

@@ -12,8 +12,10 @@ from hf_influence._utils.errors import InvalidInputError
 from hf_influence.cli.main import main
 from hf_influence.metrics import noise_detection_metrics
 from hf_influence.recipes import NoiseRecord
+from hf_influence.recipes.retraining import run_save_path
 from hf_influence.recipes.runner import RecipeArguments, run_recipe
-from hf_influence.recipes.tasks import with_overlap_hint
+from hf_influence.recipes.statistics import paired_test, recovered_share
+from hf_influence.recipes.tasks import NliRecipeTask, with_overlap_hint
 
 SICK = Path(__file__).resolve().parents[3] / "shared" / "data" / "sick"
 
@@ -23,10 +25,15 @@ def tiny_run(tmp_path_factory):
     if not (SICK / "SICK.txt").is_file():
         pytest.skip("../shared/data/sick is absent")
     out = tmp_path_factory.mktemp("recipe")
-    args = RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), max_train=160, max_test=60, epochs=1, hidden_size=32, overlap_hint=True,
-                           ranks=[3, 6], iterations=12, hessian_examples=48, last_n_layers=1, baselines=["random", "loss", "tracin"],
-                           output_dir=str(out / "run"), card_dir=str(out / "cards"), run_name="tiny-sick")
-    return run_recipe(args), out
+    return run_recipe(_tiny_args(out)), out
+
+
+def _tiny_args(out: Path) -> RecipeArguments:
+    """2 rankings filter (Arnoldi and the loss), 2 seeds per arm, validation influence ranked beside them."""
+    return RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), max_train=160, max_test=60, epochs=1, hidden_size=32, overlap_hint=True,
+                           ranks=[3, 6], iterations=12, hessian_examples=48, last_n_layers=1, baselines=["random", "loss", "tracin", "val_influence"],
+                           filter_methods=["arnoldi", "loss"], retrain_seeds=2, output_dir=str(out / "run"), card_dir=str(out / "cards"),
+                           run_name="tiny-sick")
 
 
 def test_the_run_records_its_noise_and_scores_every_ranking(tiny_run):
@@ -34,9 +41,34 @@ def test_the_run_records_its_noise_and_scores_every_ranking(tiny_run):
     record = NoiseRecord.load(out / "run" / "noise.json")
     assert record.kind == "label_flip" and len(record.rows) == 16 and record.num_rows == 160
     assert json.loads((out / "run" / "results.json").read_text())["noise"]["rows"] == record.rows
-    assert list(run["detection"]) == ["arnoldi p̄=3", "arnoldi p̄=6", "tracin", "loss", "random"]
+    assert list(run["detection"]) == ["arnoldi p̄=3", "arnoldi p̄=6", "validation influence", "tracin", "loss", "random"]
     assert all(0.0 <= row["auc"] <= 1.0 and 0.0 < row["ap"] <= 1.0 for row in run["detection"].values())
-    assert set(run["quality"]) == {"clean", "noisy", "filtered"}
+    assert list(run["quality"]) == ["clean", "noisy", "filtered by arnoldi p̄=6", "filtered by loss"]
+    assert all(len(runs) == 2 for runs in run["quality"].values()) and run["seeds"] == [0, 1]
+
+
+def test_each_filter_is_summarised_against_noisy_and_the_loss_filter(tiny_run):
+    """The summary's figures are recomputable from the per-seed qualities and the detection table."""
+    run, _ = tiny_run
+    quality, arnoldi, loss = run["quality"], run["filtering"]["filtered by arnoldi p̄=6"], run["filtering"]["filtered by loss"]
+    assert arnoldi["vs_noisy"] == paired_test(quality["filtered by arnoldi p̄=6"], quality["noisy"])
+    assert arnoldi["vs_loss"] == paired_test(quality["filtered by arnoldi p̄=6"], quality["filtered by loss"]) and loss["vs_loss"] is None
+    assert arnoldi["auc"] == run["detection"]["arnoldi p̄=6"]["auc"] and loss["ap"] == run["detection"]["loss"]["ap"]
+    assert arnoldi["recovered"] == recovered_share(quality["clean"], quality["noisy"], quality["filtered by arnoldi p̄=6"])
+    assert loss["removed"] == 16 and 0 <= loss["removed_noisy"] <= 16
+
+
+def test_a_rerun_reads_every_result_back_and_retrains_only_what_is_missing(tiny_run, monkeypatch):
+    """A killed run continues: the rankings and each (arm, seed) quality are read back; a deleted result is trained again."""
+    run, out = tiny_run
+    trained = []
+    original = NliRecipeTask.trainer
+    monkeypatch.setattr(NliRecipeTask, "trainer", lambda self, *a: trained.append(a[1:]) or original(self, *a))
+    again = run_recipe(_tiny_args(out))
+    assert trained == [] and again["quality"] == run["quality"] and again["detection"] == run["detection"]
+    run_save_path(out / "run", "filtered by loss", 1).unlink()
+    assert run_recipe(_tiny_args(out))["quality"] == run["quality"]  # seeded: the retrained run gives the same figure
+    assert len(trained) == 1 and trained[0][-1] == 1
 
 
 def test_the_filtered_set_drops_exactly_the_top_self_influence_rows(tiny_run):
@@ -54,11 +86,12 @@ def test_the_model_card_metadata_is_valid_model_index(tiny_run):
     assert card.data.model_name == "tiny-sick" and "hf-influence" in card.data.tags
     results = {(r.metric_type, r.metric_name): r.metric_value for r in card.data.eval_results}
     for training, runs in run["quality"].items():
-        assert results[("accuracy", f"accuracy after training on the {training} data (mean of 1 runs)")] == pytest.approx(sum(runs) / len(runs), abs=1e-4)
+        assert results[("accuracy", f"accuracy after training on the {training} data (mean of 2 runs)")] == pytest.approx(sum(runs) / len(runs), abs=1e-4)
     for ranking, row in run["detection"].items():
         assert results[("noise_detection_auc", f"{ranking} AUC")] == pytest.approx(row["auc"], abs=1e-4)
     assert run["command"].startswith("hf-influence") and run["command"] in card.text
-    assert DatasetCard.load(out / "cards" / "tiny-sick.dataset.md").data.pretty_name == "sick filtered by arnoldi self-influence"
+    assert DatasetCard.load(out / "cards" / "tiny-sick.dataset.md").data.pretty_name == "sick filtered by arnoldi p̄=6"
+    assert "| loss |" in card.text and "Filtering by each ranking, then retraining" in card.text
 
 
 def test_detection_figures_are_recomputable_from_the_record(tiny_run):
@@ -75,6 +108,9 @@ def test_detection_figures_are_recomputable_from_the_record(tiny_run):
     (["--noise_fraction", "0"], "noise_fraction must be in"),
     (["--ranks", "90", "--iterations", "80"], "ranks must be"),
     (["--baselines", "kfac"], "Unknown baselines"),
+    (["--filter_methods", "lissa"], "Unknown filter_methods"),
+    (["--filter_methods", "tracin", "--baselines", "loss"], "are not computed"),
+    (["--task", "translation", "--dataset", "multi30k", "--baselines", "val_influence"], "val_influence needs a clean validation split"),
     (["--params", "classifier", "--last_n_layers", "1"], "params and last_n_layers are both set"),
     (["--task", "translation", "--overlap_hint", "true"], "overlap_hint is an NLI setting"),
 ])
