@@ -1,15 +1,13 @@
-"""What a call will cost, before it runs: parameters selected, memory held at once, passes over the Hessian rows;
-and the refusal of what cannot fit ``memory_budget_gb``.
+"""What a call will cost, before it runs, and the refusal of what cannot fit ``memory_budget_gb``.
 
-``Influence.estimate_cost(action, *args, **kwargs)`` takes the name of a public method and the arguments that method
-takes, and returns a `CostEstimate` without running anything. Every one of those methods estimates its own call the
-same way (`hf_influence.cost_estimate.costed`), logs the estimate at INFO, and raises `MemoryBudgetError` before any work when what the
-call must hold at once exceeds the budget (a call made inside another, e.g. the fit inside ``scores``, was counted
-by the outer one). Sizes count the large tensors hf_influence holds, in the accumulation dtype (fp32, fp64 for fp64
-models): bases, Krylov vectors, per-example gradients, the explicit Hessian, LiSSA iterates, scores. The model, its
-activations and the data are not counted. Each rule behind a figure lives with the code that applies it and is
-called from here: block widths (``ihvp/block.py``), pass buffers (``hvp.py``), the Fisher SVD (``ihvp/fisher.py``),
-the projection path (``projection.py``), LiSSA presets (``ihvp/lissa.py``), Krylov steps (``config.py``).
+``Influence.estimate_cost(action, *args, **kwargs)`` takes a public method's name and arguments and returns a
+`CostEstimate` without running anything; every such method logs its own estimate at INFO and raises
+`MemoryBudgetError` before any work when what it must hold at once exceeds the budget (`cost_estimate.costed`; a call
+inside another was counted by the outer one). Sizes count the large tensors hf_influence holds, in the accumulation
+dtype: bases, Krylov vectors, per-example gradients, the explicit Hessian, LiSSA iterates, scores; not the model, its
+activations or the data. Each rule behind a figure lives with the code that applies it and is called from here: block
+widths (``ihvp/block.py``), pass buffers (``hvp.py``), the Fisher SVD (``ihvp/fisher.py``), the projection path and
+chunks (``projection.py``), Kronecker map rows (``kronecker.py``), LiSSA presets, Krylov steps (``config.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +16,9 @@ import math
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from ._utils.errors import HfInfluenceError, InvalidInputError
-from .config import Algorithm, BasisConfig, Curvature, Method, as_choice, implicit_iterations
+from .config import Algorithm, BasisConfig, Curvature, Method, RandomProjection, as_choice, implicit_iterations
 from .cost_estimate import CostEstimate, MemoryPart
 from .data import batch_size_of, dataset_of
 from .engine.grads import accumulation_dtype
@@ -29,7 +26,8 @@ from .engine.hvp import EXPLICIT_CHUNK, pass_bytes
 from .engine.ihvp.block import block_steps, candidate_widths, timing_widths
 from .engine.ihvp.fisher import held_bytes
 from .engine.ihvp.lissa import LissaConfig
-from .engine.projection import choose_projection
+from .engine.kronecker import subspace_rows_per_pass
+from .engine.projection import choose_projection, grads_chunk_size
 from .engine.spectrum import check_spectrum_request, hutchpp_blocks
 
 FEWER_ROWS = "fewer rows per call (split the data, or run `hf-influence score`, which streams shards)"
@@ -55,7 +53,7 @@ class _Cost:
     def hessian(self, data: Any, batch_size: int | None = None) -> None:
         """The Hessian rows and batches every pass runs over: the facade's own batches (collated, nothing run)."""
         try:
-            batches = self.owner._materialize(data, batch_size)
+            batches = self.owner._materialize(data, *([batch_size] if batch_size else []))
         except (HfInfluenceError, TypeError, ValueError, KeyError, IndexError):  # the method's data check says what is wrong
             return
         self.fields.update(hessian_rows=sum(batch_size_of(b) for b in batches), hessian_batches=len(batches))
@@ -145,11 +143,15 @@ class _Cost:
         mode = choose_projection(self.P, rank, self.B, self.budget) if mode == "auto" else mode
         if mode == "jvp":
             self.fields["grads"] = f"none formed: forward-mode JVPs along the {rank} directions"
-        else:
-            self.gradients(self.B, "projected; after the first batch hooks (where they apply) project module by module without [B, P]")
+        else:  # the engine's rules: vmap gradients in chunks within the budget; hooks read a transposed copy that fits it
+            chunk = grads_chunk_size(self.P, self.B, self.budget)
+            self.gradients(chunk, f"projected {chunk} examples at a time; once hooks pass their first-batch check, module by module")
+            if rank * self.P * self.d <= self.budget:
+                self.hold(f"the directions' transposed copy [{rank}, P] (hooks)", "working", rank, "")
+                self.spare += rank * self.P * self.d
 
     def method_parts(self, method: Method, train: Any, hessian_data: Any, basis: Any, lissa: Any, rank: int,
-                     columns: int | None, solves: int | None) -> None:
+                     columns: int | None, solves: int | None, norms: bool = False) -> None:
         """The cost of ``Influence._method_parts`` (the preconditioner and the training side's features)."""
         hessian_data = train if hessian_data is None else hessian_data
         if method is Method.ARNOLDI:
@@ -160,14 +162,20 @@ class _Cost:
             self.projection(self.fields["rank"])
         elif method is Method.RANDPROJ:
             self.hessian(hessian_data)
+            self.fields["rank"] = rank
+            if self.owner.config.random_projection == RandomProjection.KRONECKER:  # map rows materialised a block at a time
+                step = subspace_rows_per_pass(rank, self.P, self.d, self.budget)
+                self.passes(math.ceil(rank / step), rank)
+                self.hold(f"Kronecker map rows [4 × {step}, P] per pass", "working", 4 * step, "a lower rank")
+                self.fields["grads"] = "none formed: Kronecker maps applied to hooked gradient pieces"
+                return
             self.basis(rank, "random subspace")
             self.passes(1, rank)
             self.hold(f"its Hessian products [{rank}, P] and pass buffers", "working", rank + pass_bytes(rank, 1, 1), "a lower rank")
             self.projection(rank)
-            if getattr(self.owner.config, "random_projection", "dense") != "dense":
-                self.notes.append("estimated for the dense random map")
         else:
-            self.gradients(self.B, "formed" if method is not Method.TRACIN else "formed (self-influence: hooks take norms after the first batch)")
+            self.gradients(self.B, "formed" if method is not Method.TRACIN or not norms else
+                           "formed for the first batch; then hooks, where they apply, take norms without [B, P]")
         if method is Method.EXACT:
             self.hessian(hessian_data)
             self.exact(decomposed=True)
@@ -184,12 +192,6 @@ def _rows(data: Any) -> int | None:
         return len(dataset_of(data))
     except TypeError:  # not sized: the method's data check says what is wrong
         return None
-
-
-def _batches(cost: _Cost, data: Any) -> int | None:
-    rows = _rows(data)
-    size = data.batch_size if isinstance(data, DataLoader) and data.batch_size else cost.B
-    return None if rows is None else math.ceil(rows / size)
 
 
 # One estimator per public method, with that method's signature (tests/test_cost.py holds them to it).
@@ -240,8 +242,7 @@ def exact_hessian(owner, hessian_data):
 
 
 def s_test(owner, test_data, hessian_data, lissa="auto", *, action="s_test"):
-    cost = _Cost(owner, action)
-    rows = _rows(test_data)
+    cost, rows = _Cost(owner, action), _rows(test_data)
     cost.hessian(hessian_data)
     cost.gradients(cost.B, "formed")
     cost.hold(f"test gradients [{rows}, P]", "held", rows or 0, FEWER_ROWS)
@@ -254,8 +255,7 @@ def solve_s_test(owner, test_data, hessian_data, lissa="auto"):
 
 
 def gradients(owner, data, test_side=False):
-    cost = _Cost(owner, "gradients")
-    rows = _rows(data)
+    cost, rows = _Cost(owner, "gradients"), _rows(data)
     cost.gradients(cost.B, "formed")
     cost.hold(f"all gradients [{rows}, P]", "held", rows or 0, FEWER_ROWS)
     return cost.done()
@@ -264,8 +264,7 @@ def gradients(owner, data, test_side=False):
 def scores(owner, test_data, train_data, method=Method.ARNOLDI, basis=None, hessian_data=None, lissa="auto",
            rank=BasisConfig.rank, knn=None, index=None):
     method = as_choice(Method, method, "method")
-    cost = _Cost(owner, "scores")
-    tests, trains = _rows(test_data), _rows(train_data)
+    cost, tests, trains = _Cost(owner, "scores"), _rows(test_data), _rows(train_data)
     cost.method_parts(method, train_data, hessian_data, basis, lissa, rank, tests, 1)
     if method in (Method.TRACIN, Method.EXACT, Method.LISSA):
         copies = 1 if method is Method.TRACIN else 2  # the test gradients, and their preconditioned copy
@@ -277,8 +276,8 @@ def scores(owner, test_data, train_data, method=Method.ARNOLDI, basis=None, hess
 
 def self_influence(owner, train_data, method=Method.ARNOLDI, basis=None, hessian_data=None, lissa="auto", rank=BasisConfig.rank):
     method = as_choice(Method, method, "method")
-    cost = _Cost(owner, "self_influence")
-    cost.method_parts(method, train_data, hessian_data, basis, lissa, rank, cost.B, _batches(cost, train_data))
+    cost, solves = _Cost(owner, "self_influence"), len(owner._loader(train_data)) if _rows(train_data) else None  # LiSSA: one per batch
+    cost.method_parts(method, train_data, hessian_data, basis, lissa, rank, cost.B, solves, norms=True)
     return cost.done()
 
 

@@ -109,7 +109,7 @@ class CostEstimate:
                      f"{self.hessian_batches:,} batches: {self.batch_hvps:,} batch HVPs, ")
             text.append(f"{self.passes:,} {what}{rows} ({calls}{self.products:,} products)")
         if self.lissa_hvps:
-            text.append(f"LiSSA {self.lissa_hvps:,} minibatch HVPs of {self.lissa_rows} rows")
+            text.append(f"LiSSA {self.lissa_hvps:,} minibatch HVPs of {self.lissa_rows} row{'s' * (self.lissa_rows != 1)}")
         if self.grad_batch_bytes:
             text.append(f"per-example gradients {_size(self.grad_batch_bytes)} per batch of {self.batch_size} ({self.grads})")
         else:
@@ -132,6 +132,8 @@ class CostEstimate:
 
 
 def _size(nbytes: float) -> str:
+    if nbytes >= 100 * GIB:
+        return f"{nbytes / GIB:,.0f} GiB"
     return f"{nbytes / GIB:.2f} GiB" if nbytes >= 0.01 * GIB else f"{nbytes / 2**20:.2f} MiB"
 
 

@@ -142,3 +142,16 @@ def test_each_call_logs_its_estimate_once(model, data, caplog):
 def test_unknown_action_is_refused(model):
     with pytest.raises(InvalidInputError, match="fit_arnoldi"):
         hfi.Influence(model, progress=False).estimate_cost("fit")
+
+
+def test_spectrum_and_random_projection_passes_equal_the_estimate(model, data, counted):
+    inf = hfi.Influence(model, last_n_layers=1, progress=False)
+    estimate = inf.estimate_cost("spectrum", data, iterations=5, trace_matvecs=6)
+    inf.spectrum(data, iterations=5, trace_matvecs=6)
+    assert counted["passes"] == estimate.passes == 5 + 3  # Lanczos, then Hutch++'s three blocks
+    for kind, budget in (("dense", 2.0), ("kronecker", 1e-5)):  # the Kronecker map's rows two at a time within 10 KiB
+        counted["passes"] = 0
+        inf = hfi.Influence(model, params=[r"classifier", r"pooler"], random_projection=kind, memory_budget_gb=budget, progress=False)
+        estimate = inf.estimate_cost("self_influence", data, method="randproj", rank=6)
+        inf.self_influence(data, method="randproj", rank=6)
+        assert counted["passes"] == estimate.passes == (1 if kind == "dense" else 3), kind
