@@ -7,11 +7,13 @@ gradients, one example), and its squared norm needs only the two ``T × T`` Gram
 
 (the "ghost norm" of Goodfellow 2015, used for DP-SGD by Li et al. 2022), and a bias adds
 ``‖Σ_t g_t‖² = sum(G Gᵀ)`` from the same Gram. **The rule**, per call of a ``Linear`` / ``Conv1D``: take the Grams
-when they cost fewer multiply-adds than forming the gradient, ``T·(out + in/k) < in·out``, where ``k`` is the
-number of selected calls reading the same input tensor (BERT's query, key and value share one input Gram); else
-form ``Gᵀ A`` with one ``bmm`` and square it. Embeddings are the same identity with one-hot inputs,
-``Σ_{t,s: id_t = id_s} g_t · g_s``, unless the table has no more rows than the sequence has tokens, where the
-dense per-example gradient ``[B, rows, D]`` is smaller than ``G`` and is scattered and squared instead.
+when they and their product cost fewer multiply-adds than forming and squaring the gradient,
+``T²·(out + 1 + in/k) < (T + 1)·in·out`` (:func:`grams_cheaper`), where ``k`` is the number of selected calls reading
+the same input tensor (BERT's query, key and value share one input Gram); else form ``Gᵀ A`` with one ``bmm`` and
+square it. On the tiny BERT of ``benchmarks/throughput.py`` (64 tokens, width 128) every linear call takes the Grams.
+Embeddings are the same identity with one-hot inputs, ``Σ_{t,s: id_t = id_s} g_t · g_s`` (``Σ_t ‖g_t‖²`` when no
+row repeats an id, as position ids), unless the table has no more rows than the sequence has tokens, where the dense
+per-example gradient ``[B, rows, D]`` is smaller than ``G`` and is formed from one-hot rows and squared instead.
 Layer and RMS norms go through :func:`~.hooks._accumulate` (their per-example gradients are ``[B, D]``).
 
 A parameter reached by several calls (GPT-2's tied ``wte`` / ``lm_head``, T5's shared embedding) is summed over
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from ..data import Batch, batch_size_of
@@ -54,8 +57,9 @@ def hook_squared_norms(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module
 
 
 def grams_cheaper(steps: int, d_in: int, d_out: int, readers: int) -> bool:
-    """The rule: the Grams (``T²·out`` plus a ``1/k`` share of ``T²·in``) cost fewer multiply-adds than ``Gᵀ A`` (``T·in·out``)."""
-    return steps * (d_out + d_in / readers) < d_in * d_out
+    """The rule: the Grams and their product (``T²·(out + 1)`` plus a ``1/k`` share of ``T²·in``) cost fewer
+    multiply-adds than forming and squaring ``Gᵀ A`` (``(T + 1)·in·out``)."""
+    return steps * steps * (d_out + 1 + d_in / readers) < (steps + 1) * d_in * d_out
 
 
 def _linear_sizes(module: nn.Module) -> tuple[int, int]:
@@ -120,9 +124,15 @@ class SquaredNorms:
     def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
         if padding_idx is not None:
             g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
-        rows = self.shapes[name][0]
-        if self.calls_per_name[name] == 1 and rows > ids.shape[1]:  # Σ_{t,s: id_t = id_s} g_t · g_s
-            self.total += (torch.bmm(g, g.transpose(1, 2)) * (ids.unsqueeze(2) == ids.unsqueeze(1))).sum(dim=(1, 2))
+        rows, single = self.shapes[name][0], self.calls_per_name[name] == 1
+        if single and rows > ids.shape[1]:
+            if bool((ids.sort(dim=1).values.diff(dim=1) != 0).all()):  # no id twice in a row (positions): Σ_t ‖g_t‖²
+                self.add(torch.linalg.vecdot(g.flatten(1), g.flatten(1)))
+            else:  # Σ_{t,s: id_t = id_s} g_t · g_s
+                self.add((torch.bmm(g, g.transpose(1, 2)) * (ids.unsqueeze(2) == ids.unsqueeze(1))).sum(dim=(1, 2)))
+            return
+        if single:  # a small table (token types): its per-example gradient by one-hot rows, [B, rows, D]
+            self.put(name, torch.bmm(F.one_hot(ids, rows).to(g.dtype).transpose(1, 2), g))
             return
         dense = torch.zeros((g.shape[0], *self.shapes[name]), dtype=g.dtype, device=g.device)
         dense.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
