@@ -200,3 +200,14 @@ def test_randproj_index_with_the_kronecker_map_equals_scores(kron):
     top = inf.query(store, oracle["test"], k=5)
     assert torch.equal(top.indices, full.topk(5, dim=1).indices)
     assert math.isclose(float(top.scores.max()), float(full.max()), rel_tol=1e-5)
+
+
+def test_knn_restriction_with_the_kronecker_map(kron):
+    """FastIF's kNN restriction lifts the preconditioned test features back to parameter space (``Y Φ``) for its
+    head-gradient queries; the candidates' scores are the full scan's at those rows."""
+    inf, oracle = kron
+    train, test = oracle["train"], oracle["test"]
+    full = inf.scores(test, train, method="randproj", rank=30)
+    restricted = inf.scores(test, train, method="randproj", rank=30, knn=7)
+    assert restricted.indices.shape == (len(test), 7)
+    torch.testing.assert_close(restricted.scores, full.gather(1, restricted.indices), rtol=0, atol=1e-10 * float(full.abs().max()))
