@@ -9,9 +9,9 @@ Workload: the first ``--scored`` (256) SICK training pairs (``../shared/data/sic
 all-MiniLM-L6-v2's WordPiece tokenizer (GPT-2 rows: the premise alone, as LM text), dynamic padding, batch 8; the
 Hessian over a seeded ``--hessian-rows`` (128) of them; an Arnoldi basis of rank 10 from 20 iterations.
 - Fit: one HVP pass is timed (after the frozen prefix is recorded and checked). If 20 passes overrun ``--budget-s``,
-  the fit runs the iterations the budget allows when that is at least the rank, and the full fit is extrapolated
-  from its seconds per pass; with fewer, nothing is fitted, the one timed pass is extrapolated, and Arnoldi scores
-  with random orthonormal directions of the same rank (same cost). Such cells say "extrapolated" and how.
+  ``fit_arnoldi`` runs the iterations the budget allows (rank capped at them) and the full fit is extrapolated from
+  its seconds per pass (from the timed pass when not even one fits). Below rank 10, Arnoldi scores with random
+  orthonormal directions of rank 10 (the same cost). Such cells say "extrapolated" and how.
 - Throughput: the training step (forward + backward + AdamW on every trainable parameter, the model's own loss, on a
   copy so the scored weights stay put) and ``Influence.self_influence`` (``"arnoldi"`` with that basis, ``"tracin"``):
   one warm-up batch each (the hooks' first-batch check), a timed 2-batch call that sizes the rounds, then
@@ -44,6 +44,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 from transformers.utils import logging  # noqa: E402
 
 import hf_influence as hfi  # noqa: E402
+from hf_influence._utils.errors import MemoryBudgetError  # noqa: E402
 from hf_influence.corpora import NLI_LABELS, load_sick  # noqa: E402
 from hf_influence.data import make_loader  # noqa: E402
 from hf_influence.engine.grads import accumulation_dtype, eval_mode  # noqa: E402
@@ -154,21 +155,25 @@ def stand_in_basis(inf, rank: int):
 
 def fit(inf, hessian, args) -> dict:
     """Fit the rank-``args.rank`` basis; when the full fit would overrun ``args.budget_s``, fit the iterations the budget
-    allows (at least ``rank``) or none, and extrapolate from seconds per pass (see the module docstring)."""
+    allows (rank capped at them) and extrapolate from its seconds per pass (see the module docstring). A fit the library
+    refuses for ``memory_budget_gb`` is recorded as such. Below full rank, the stand-in basis scores."""
     resident_peak_mib(reset=True)
     per_pass = time_pass(inf, inf._materialize(hessian))
     iterations = args.iterations if per_pass * args.iterations <= args.budget_s else min(args.iterations, int(args.budget_s / per_pass))
-    result = {"hvp_pass_s": per_pass, "fit_iterations": iterations, "fit_s": None, "fit_extrapolated_s": None}
-    if iterations >= args.rank:
+    result = {"hvp_pass_s": per_pass, "fit_iterations": iterations, "fit_s": None, "fit_extrapolated_s": None, "fit_refused": None}
+    basis = None
+    if iterations >= 1:
         start = time.perf_counter()
-        basis = inf.fit_arnoldi(hessian, rank=args.rank, iterations=iterations)
-        result["fit_s"] = time.perf_counter() - start
-        per_pass = result["fit_s"] / iterations
-    else:
-        basis = stand_in_basis(inf, args.rank)
-    if iterations < args.iterations:
+        try:
+            basis = inf.fit_arnoldi(hessian, rank=min(args.rank, iterations), iterations=iterations)
+            result["fit_s"] = time.perf_counter() - start
+            per_pass = result["fit_s"] / iterations
+        except MemoryBudgetError as error:
+            result["fit_refused"] = str(error).split(". ")[0]
+    if iterations < args.iterations or basis is None:
         result["fit_extrapolated_s"] = per_pass * args.iterations
-    return {**result, "basis": basis, "fit_peak_mib": resident_peak_mib()}
+    result["stand_in"] = basis is None or basis.rank < args.rank
+    return {**result, "basis": stand_in_basis(inf, args.rank) if result["stand_in"] else basis, "fit_peak_mib": resident_peak_mib()}
 
 
 def timed(fn, *args, **kwargs) -> float:
@@ -234,12 +239,11 @@ def cost_estimate(inf, data, args, basis) -> str | None:
     """The library's own estimate (``Influence.estimate_cost``, where it has one) of the full fit and of scoring."""
     if not hasattr(inf, "estimate_cost"):
         return None
+    gib = lambda cost: f"{cost.peak_bytes / 2**30:.2f} GiB" + (" (over the default 2 GiB)" if cost.required_bytes > 2**31 else "")  # noqa: E731
     fit_cost = inf.estimate_cost("fit_arnoldi", data, rank=args.rank, iterations=args.iterations)
-    parts = [f"fit: {fit_cost.passes} passes ({fit_cost.batch_hvps} batch HVPs), peak {fit_cost.peak_bytes / 2**30:.2f} GiB"]
-    for method in ("arnoldi", "tracin"):
-        cost = inf.estimate_cost("self_influence", data, method=method, basis=basis if method == "arnoldi" else None)
-        parts.append(f"{method}: peak {cost.peak_bytes / 2**30:.2f} GiB ({cost.grads})")
-    return "; ".join(parts)
+    arnoldi, tracin = (inf.estimate_cost("self_influence", data, method=m, basis=b) for m, b in (("arnoldi", basis), ("tracin", None)))
+    return (f"fit {fit_cost.passes} passes x {fit_cost.hessian_batches} batches, peak {gib(fit_cost)}; "
+            f"Arnoldi peak {gib(arnoldi)}; TracIn peak {gib(tracin)}")
 
 
 def run_row(name: str, args) -> dict:
@@ -264,9 +268,10 @@ def fmt_fit(r: dict) -> str:
     if r["fit_extrapolated_s"] is None:
         return f"{r['fit_s']:.1f} ({r['fit_s'] / r['fit_iterations']:.2f} s/pass)"
     if r["fit_s"] is None:
-        return f"~{r['fit_extrapolated_s']:.0f} extrapolated: 1 pass took {r['hvp_pass_s']:.1f} s, no fit of rank iterations fits the budget"
-    return (f"~{r['fit_extrapolated_s']:.0f} extrapolated: fitted {r['fit_iterations']} it in {r['fit_s']:.0f} s "
-            f"({r['fit_s'] / r['fit_iterations']:.1f} s/pass)")
+        why = f"refused: {r['fit_refused']}" if r["fit_refused"] else "one pass overruns the budget"
+        return f"~{r['fit_extrapolated_s']:.0f} extrapolated from 1 timed pass of {r['hvp_pass_s']:.1f} s (no fit: {why})"
+    return (f"~{r['fit_extrapolated_s']:.0f} extrapolated: fitted {r['fit_iterations']} it (rank {min(r['rank'], r['fit_iterations'])}) "
+            f"in {r['fit_s']:.0f} s, {r['fit_s'] / r['fit_iterations']:.1f} s/pass")
 
 
 def table_line(r: dict) -> str:
@@ -276,7 +281,7 @@ def table_line(r: dict) -> str:
         return head + f" not measured: {r['error']} |" + " |" * 7
     eps = r["examples_per_s"]
     ratio = lambda side: f"{eps[side]:.1f} ({eps[side] / eps['train']:.2f}x)"  # noqa: E731
-    stand_in = " (random rank-%d stand-in basis)" % r["rank"] if r["fit_s"] is None else ""
+    stand_in = f" (random rank-{r['rank']} stand-in basis)" if r["stand_in"] else ""
     peaks = r["peak_mib"]
     return (head + f" {r['params']:,} | {r['grad_path']} | {fmt_fit(r)} | {ratio('arnoldi')}{stand_in} | {ratio('tracin')} | "
             f"{eps['train']:.1f} | {r['rows']} x {r['rounds']} | {r['process_peak_mib']:,.0f} (start {r['base_mib']:,.0f}; fit "
