@@ -122,8 +122,8 @@ class FlatGrads(dict):
 
 class Projections:
     """Per-example gradients projected on directions module by module: ``total`` ``[B, p̄]``, with no
-    per-example gradient of the whole selection ever held (an embedding's is never formed: the directions'
-    rows are gathered at the input ids). ``columns`` holds the directions by parameter (see :func:`_columns`):
+    per-example gradient of the whole selection ever held (an embedding's is formed only for a table with no more
+    rows than tokens; otherwise the directions' rows are gathered at the input ids, once for ids the batch shares). ``columns`` holds the directions by parameter (see :func:`_columns`):
     a contiguous transposed copy ``{name: [*shape, p̄]}`` (``transposed``: ~10% faster per hooked pass), or views
     ``{name: [p̄, *shape]}`` of the directions themselves (no copy)."""
 
@@ -139,6 +139,14 @@ class Projections:
     def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
         if padding_idx is not None:
             g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
+        rows = self.columns[name].shape[0 if self.transposed else 1]
+        if rows <= ids.shape[1]:  # a small table (token types): its per-example gradient [B, rows, D] by one-hot rows
+            self.put(name, torch.bmm(F.one_hot(ids, rows).to(g.dtype).transpose(1, 2), g))
+            return
+        if ids.stride(0) == 0:  # ids the batch shares (positions, expanded by _batch_expander): the rows gathered once
+            u = self.columns[name][ids[0]] if self.transposed else self.columns[name][:, ids[0]]  # [T, D, p̄] or [p̄, T, D]
+            self.total += g.reshape(g.shape[0], -1) @ (u.reshape(-1, u.shape[-1]) if self.transposed else u.reshape(u.shape[0], -1).T)
+            return
         flat_ids, per_id = ids.reshape(-1), g.reshape(-1, g.shape[-1])  # [B·T], [B·T, D]
         if self.transposed:  # rows [B·T, D, p̄]
             per_token = torch.bmm(per_id.unsqueeze(1), self.columns[name][flat_ids]).squeeze(1)
