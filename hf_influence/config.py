@@ -128,6 +128,11 @@ class InfluenceConfig:
     hessian_examples: int | None = field(default=512, metadata={
         "help": "The Hessian is that of the mean loss over a seeded random subset of this many rows of the Hessian "
                 "data (all rows when it has fewer, or when unset)."})
+    hessian_batch_size: int | None = field(default=None, metadata={
+        "help": "Rows per batch in the Hessian passes (HVPs of fits, spectrum, explicit Hessian); rows are grouped by length "
+                "and each batch cut to its longest row. The product is the same mean for any size; fewer, larger batches "
+                "mean fewer calls. Unset: as many rows as fit batch_size × the longest Hessian row in tokens (no more "
+                "memory than batch_size rows, many more short rows per call)."})
 
     def __post_init__(self):
         if self.params is not None:
@@ -143,6 +148,7 @@ class InfluenceConfig:
         if isinstance(self.memory_budget_gb, bool) or not isinstance(self.memory_budget_gb, (int, float)) or not self.memory_budget_gb > 0:
             raise InvalidInputError(f"memory_budget_gb must be a number > 0, got {self.memory_budget_gb!r}.")
         check_count(self.hessian_examples, "hessian_examples", optional=True)
+        check_count(self.hessian_batch_size, "hessian_batch_size", optional=True)
 
 
 @dataclass

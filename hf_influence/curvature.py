@@ -97,7 +97,7 @@ class CurvatureMethods(ModelWiring):
         if rank < 1 or rank > self.selection.num_params:
             raise InvalidInputError(f"rank must be in [1, {self.selection.num_params}] (number of parameters), got {rank}.")
         self.check_data(**{"Hessian data": hessian_data})
-        batches = self._materialize(hessian_data)
+        batches = self._materialize(hessian_data, self.batch_size)  # [B, P] gradients: batch_size rows
         count, num = sum(batch_size_of(b) for b in batches), self.selection.num_params
         if rank > count:
             raise InvalidInputError(f"rank={rank} exceeds the {count} Hessian examples, the largest rank the empirical Fisher "

@@ -19,7 +19,8 @@ class PaddingCollator:
     """Pad the numeric columns of dataset rows into a batch; string columns are dropped.
 
     ``input_ids``/``decoder_input_ids`` pad with ``pad_token_id``, masks and token types with 0,
-    sequence ``labels`` with -100 (ignored by the loss). Padding is on the right.
+    sequence ``labels`` with -100 (ignored by the loss). Padding is on the right, and columns that are padding in
+    every row (rows that came padded to a fixed length) are cut (:func:`trim_padding`).
     """
 
     def __init__(self, pad_token_id: int = 0):
@@ -27,7 +28,7 @@ class PaddingCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> Batch:
         columns = [k for k, v in rows[0].items() if _is_numeric(v)]
-        return {key: self._stack(key, [row[key] for row in rows]) for key in columns}
+        return trim_padding({key: self._stack(key, [row[key] for row in rows]) for key in columns})
 
     def _stack(self, key: str, values: list[Any]) -> torch.Tensor:
         tensors = [torch.as_tensor(v) for v in values]
@@ -56,6 +57,62 @@ def make_loader(data: Any, batch_size: int, pad_token_id: int = 0) -> DataLoader
     if len(data) == 0:
         raise InvalidInputError("The dataset is empty: influence needs at least one example.")
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=PaddingCollator(pad_token_id))
+
+
+def length_sorted_batches(data: Any, batch_size: int, pad_token_id: int = 0, rows_of_longest: int | None = None) -> list[Batch]:
+    """Batches of at most ``batch_size`` rows of ``data`` in order of length (stable), each cut to its longest row
+    (``PaddingCollator``); with ``rows_of_longest``, a batch of several rows also holds at most as many padded tokens as
+    that many of the longest rows of ``data``. For passes whose result is a sum over rows (the Hessian of the mean loss,
+    the Fisher), where the order of rows is free and padding is wasted work. A ``DataLoader`` keeps its own batches, trimmed."""
+    if isinstance(data, DataLoader):
+        return [trim_padding(batch) for batch in data]
+    lengths = [max(n, 1) for n in row_lengths(data)]
+    max_tokens = None if rows_of_longest is None else rows_of_longest * max(lengths, default=1)
+    groups: list[list[int]] = [[]]
+    for index in sorted(range(len(lengths)), key=lengths.__getitem__):  # lengths only grow: a batch's longest row is its last
+        group = groups[-1]
+        if group and (len(group) == batch_size or (max_tokens is not None and (len(group) + 1) * lengths[index] > max_tokens)):
+            groups.append(group := [])
+        group.append(index)
+    return list(DataLoader(data, batch_sampler=[g for g in groups if g], collate_fn=PaddingCollator(pad_token_id)))
+
+
+def row_lengths(data: Any) -> list[int]:
+    """Tokens per row: ones in ``attention_mask`` when the rows have one, else the length of ``input_ids`` (0 without)."""
+    columns = getattr(data, "column_names", None)
+    if columns is not None and "attention_mask" in columns:  # a datasets.Dataset: read the column at once
+        return [int(torch.as_tensor(mask).ne(0).sum()) for mask in data["attention_mask"]]
+    return [_row_length(data[i]) for i in range(len(data))]
+
+
+def _row_length(row: dict[str, Any]) -> int:
+    if "attention_mask" in row:
+        return int(torch.as_tensor(row["attention_mask"]).ne(0).sum())
+    return int(torch.as_tensor(row.get("input_ids", ())).numel())
+
+
+_TRIMMED = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask", "position_ids", "labels")
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """``batch`` without its trailing columns that are padding in every row: ``attention_mask`` 0 and, for ``labels``
+    of the same length ``T``, -100 (columns of length ``T``, e.g. ``[1, T]`` position ids, are cut alike). With right padding the model's outputs at the kept tokens and every loss term are
+    unchanged (the dropped keys were masked, the dropped targets ignored, and a causal decoder never reads later
+    positions). The batch is returned as is when a 2-D mask is missing or another column of length ``T`` has unknown meaning."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return batch
+    same_shape = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == mask.shape[1]]
+    if any(k not in _TRIMMED or batch[k].shape[0] not in (1, mask.shape[0]) for k in same_shape):
+        return batch
+    used = mask.ne(0).any(dim=0)  # [T]
+    if "labels" in same_shape:
+        targets = batch["labels"].reshape(batch["labels"].shape[0], mask.shape[1], -1)  # [B, T, ...]
+        used |= targets.ne(-100).any(dim=2).any(dim=0)
+    length = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    if length == mask.shape[1]:
+        return batch
+    return {k: v[:, :length] if k in same_shape else v for k, v in batch.items()}
 
 
 def dataset_of(data: Any) -> Any:

@@ -52,7 +52,8 @@ class Influence(CurvatureMethods):
         model (`nn.Module`): a HF model (or any module the ``task`` understands). Scored in eval mode.
         task (`Task`, *optional*): ``per_example_loss(model, batch) -> Tensor[B]``; inferred from the
             model class when ``None``.
-        params, last_n_layers, damping, batch_size, seed, projection, random_projection, memory_budget_gb, hessian_examples:
+        params, last_n_layers, damping, batch_size, seed, projection, random_projection, memory_budget_gb, hessian_examples,
+        hessian_batch_size:
             the settings of `hf_influence.config.InfluenceConfig`, where each one's default, meaning and check
             live (``Influence.from_config(model, config)`` takes them as one object).
         progress (`bool`, defaults to `True`): show tqdm bars.
@@ -77,11 +78,12 @@ class Influence(CurvatureMethods):
         random_projection: str = InfluenceConfig.random_projection,
         memory_budget_gb: float = InfluenceConfig.memory_budget_gb,
         hessian_examples: int | None = InfluenceConfig.hessian_examples,
+        hessian_batch_size: int | None = InfluenceConfig.hessian_batch_size,
         progress: bool = True,
     ):
         config = InfluenceConfig(params=params, last_n_layers=last_n_layers, damping=damping, batch_size=batch_size, seed=seed,
                                  projection=projection, random_projection=random_projection, memory_budget_gb=memory_budget_gb,
-                                 hessian_examples=hessian_examples)
+                                 hessian_examples=hessian_examples, hessian_batch_size=hessian_batch_size)
         super().__init__(model, task, config, progress)
 
     @classmethod

@@ -14,7 +14,7 @@ from ._utils.errors import InvalidInputError, TaskInferenceError
 from .config import InfluenceConfig
 from .cost import estimate
 from .cost_estimate import CostEstimate
-from .data import dataset_of, make_loader, select_rows, to_device
+from .data import dataset_of, length_sorted_batches, make_loader, select_rows, to_device
 from .engine.grads import LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hooks import hook_plan
 from .engine.hvp import dataset_hvp
@@ -116,9 +116,14 @@ class ModelWiring:
     def _loader(self, data: Any) -> DataLoader:
         return make_loader(data, self.batch_size, self._pad_id())
 
-    def _materialize(self, data: Any) -> list:
-        """All batches of the Hessian rows of ``data`` (see :meth:`_hessian_rows`) on the model's device (reused many times)."""
-        batches = [to_device(b, self._device()) for b in self._loader(self.hessian_rows(data))]
+    def _materialize(self, data: Any, batch_size: int | None = None) -> list:
+        """All batches of the Hessian rows of ``data`` (see :meth:`hessian_rows`) on the model's device (reused many times),
+        grouped by length and cut to each batch's longest row: ``batch_size`` rows each when given (else
+        ``hessian_batch_size``); with neither, as many rows as hold ``batch_size × the longest row`` tokens, the most a
+        batch of ``batch_size`` rows can hold, so memory stays within what ``batch_size`` allows and short rows share calls."""
+        rows, size = self.hessian_rows(data), batch_size or self.config.hessian_batch_size
+        sized = length_sorted_batches(rows, size or len(dataset_of(rows)), self._pad_id(), None if size else self.batch_size)
+        batches = [to_device(b, self._device()) for b in sized]
         if not batches:
             raise InvalidInputError("The Hessian data is empty: pass at least one training example.")
         return batches

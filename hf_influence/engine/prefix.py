@@ -30,11 +30,12 @@ from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
 from .._utils import comm
-from ..data import Batch, batch_size_of
+from ..data import Batch, batch_size_of, slice_batch
 from .grads import LossFunction, Params
 from .hvp import batch_hvp, dataset_hvp
 
 logger = logging.get_logger(__name__)
+_PROBE_ROWS = 2  # rows of the first batch that find the prefix and check the replay
 
 
 class PrefixModule(NamedTuple):
@@ -176,14 +177,15 @@ class PrefixReplay:
             comm.check_same_everywhere([batch_size_of(b) for b in batches], "Hessian data (examples per batch)")
             batches = comm.local_share(batches)
         self.loss_fn, self.params, self.batches = loss_fn, params, batches
-        found = prefix_modules(loss_fn, params, batches[0]) if batches else []
+        probe = slice_batch(batches[0], 0, _PROBE_ROWS) if batches else None  # the checks need the model's structure, not the data
+        found = prefix_modules(loss_fn, params, probe) if batches else []
         self.modules = [p.module for p in found]
         self.read_later = [p.read_later for p in found]
         self.outputs: list[list[list[Any]]] = []  # [batch][module][call]
         self._active: list[list[Any]] | None = None  # outputs of the batch being replayed
         if self.modules:
-            self._record(memory_budget)
-        if self.outputs and not self._agrees():
+            self.outputs = self._recorded(self.batches, memory_budget)
+        if self.outputs and not self._agrees(probe):
             logger.warning("Replaying the frozen layers' outputs did not reproduce a Hessian-vector product; every HVP pass runs the whole model.")
             self.outputs = []
 
@@ -206,17 +208,18 @@ class PrefixReplay:
             self._active = [list(calls) for calls in outputs]
             yield batch
 
-    def _record(self, memory_budget: float) -> None:
+    def _recorded(self, batches: list[Batch], memory_budget: float) -> list[list[list[Any]]]:
+        """The kept prefix outputs of each batch (``[batch][module][call]``); empty when they exceed ``memory_budget``."""
         kept, total = [], 0
         with self._patched(lambda index, original: self._recorder(index, original, kept)), torch.no_grad():
-            for batch in self.batches:
+            for batch in batches:
                 kept.append([[] for _ in self.modules])
                 self.loss_fn(self.params, batch)
                 total += _nbytes(kept[-1])
                 if total > memory_budget:
                     logger.info(f"Frozen-layer outputs exceed the memory budget ({memory_budget / 2**30:.1f} GiB); not replayed.")
-                    return
-        self.outputs = kept
+                    return []
+        return kept
 
     def _recorder(self, index: int, original: Callable, kept: list) -> Callable:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -255,19 +258,19 @@ class PrefixReplay:
                 else:
                     module.forward = original
 
-    def _agrees(self) -> bool:
-        """HVP of the first batch with and without replay (twice) agree to float32 round-off."""
-        first = self.batches[0]
+    def _agrees(self, probe: Batch) -> bool:
+        """HVP of ``probe`` (a few rows) with and without replaying its recorded prefix outputs (twice) agree to float32 round-off."""
         num = self.loss_fn.selection.num_params
-        probe = torch.randn(num, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        probe = probe.to(next(iter(self.params.values())).device)
-        reference = batch_hvp(self.loss_fn, self.params, first, probe, where="Hessian data batch 0")
+        vector = torch.randn(num, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        vector = vector.to(next(iter(self.params.values())).device)
+        reference = batch_hvp(self.loss_fn, self.params, probe, vector, where="Hessian data batch 0")
+        recorded = self._recorded([probe], float("inf"))[0]
         replays = []
         for _ in range(2):
-            self._active = [list(calls) for calls in self.outputs[0]]
+            self._active = [list(calls) for calls in recorded]
             try:
                 with self._replaying():
-                    replays.append(batch_hvp(self.loss_fn, self.params, first, probe))
+                    replays.append(batch_hvp(self.loss_fn, self.params, probe, vector))
             except RuntimeError:  # e.g. torch.func refusing an in-place change of a kept output
                 return False
         scale = reference.norm().clamp_min(1e-30)

@@ -33,7 +33,8 @@ def make_influence(state_path: str) -> tuple[hfi.Influence, object]:
     model = utils.tiny_bert().double()
     model.load_state_dict(torch.load(state_path))
     # 7 batches of 5 and one of 3: the two processes hold unequal example counts (20 and 18)
-    return hfi.Influence(model.eval(), last_n_layers=1, batch_size=5, progress=False), utils.classification_dataset(38, seed=3)
+    return (hfi.Influence(model.eval(), last_n_layers=1, batch_size=5, hessian_batch_size=5, progress=False),
+            utils.classification_dataset(38, seed=3))
 
 
 def worker(rank: int, folder: str) -> None:
