@@ -79,20 +79,19 @@ class _Cost:
         self.fields["operator"] = operator
         if algorithm is Algorithm.ARNOLDI:
             self.passes(iterations, iterations)
-            self.hold(f"Krylov vectors [{iterations + 1}, P], twice while re-orthogonalising", "krylov", 2 * (iterations + 1), way_out)
+            self.hold(f"Krylov vectors [{iterations + 1}, P]", "krylov", iterations + 1, way_out)
             self.hold("pass buffers of 1 vector", "working", pass_bytes(1, 1, 1), "")
             return
         widths = candidate_widths(self.P, self.d, self.budget)
         timed, steps = timing_widths(widths), {w: block_steps(iterations, w) for w in widths}
         width = min(widths, key=lambda w: (steps[w], w))  # the planner's choice when a pass costs the same at any width
         self.passes(len(timed) + steps[width], sum(timed) + width * steps[width])
-        self.hold(f"block Krylov vectors [{(steps[width] + 1) * width}, P], twice while re-orthogonalising", "krylov",
-                  2 * (steps[width] + 1) * width, way_out)
+        self.hold(f"block Krylov vectors [{(steps[width] + 1) * width}, P]", "krylov", (steps[width] + 1) * width, way_out)
         self.hold(f"pass buffers of {width} vector{'s' * (width > 1)}", "working", pass_bytes(width, 1, 1), "")
-        self.spare += (2 * ((steps[width] + 1) * width - iterations - 1) + pass_bytes(width - 1, 1, 1)) * self.P * self.d
+        self.spare += ((steps[width] + 1) * width - iterations - 1 + pass_bytes(width - 1, 1, 1)) * self.P * self.d
         if len(widths) > 1:
             self.notes.append(f"block width chosen at run time by {len(timed)} timed passes: {steps[width]} passes of {width} vectors "
-                              f"if a pass costs the same at any width, up to {iterations} passes of 1")
+                              f"(the memory above) if a pass costs the same at any width, up to {iterations} passes of 1")
 
     def fit(self, data: Any, rank: int, iterations: int, algorithm: Algorithm) -> None:
         self.hessian(data)
@@ -109,7 +108,7 @@ class _Cost:
         check_spectrum_request(method, trace_estimator)
         if method == "lanczos":
             self.passes(iterations, iterations)
-            self.hold(f"Lanczos vectors [{iterations + 1}, P], twice while re-orthogonalising", "krylov", 2 * (iterations + 1), "fewer iterations")
+            self.hold(f"Lanczos vectors [{iterations + 1}, P]", "krylov", iterations + 1, "fewer iterations")
         else:
             self.passes(iterations, iterations)
             self.notes.append(f"power iteration: at most {iterations} passes")

@@ -75,13 +75,15 @@ def krylov_iteration(hvp: HVP, start: torch.Tensor, iterations: int, progress: b
     """Orthonormal Krylov basis ``Q`` ``[m+1, P]`` and Hessenberg matrix ``[m+1, m]``, ``m <= iterations``.
 
     Arnoldi with full re-orthogonalisation (classical Gram-Schmidt, twice); for symmetric ``H``
-    this is Lanczos made stable. Stops early when the Krylov space is invariant.
+    this is Lanczos made stable. Stops early when the Krylov space is invariant. The basis is one
+    ``[iterations + 1, P]`` buffer filled row by row, so the vectors are held once (no per-step copy).
     """
-    basis = [start / start.norm()]
+    basis = torch.empty(iterations + 1, start.shape[0], dtype=start.dtype, device=start.device)
+    basis[0] = start / start.norm()
     hessenberg = torch.zeros(iterations + 1, iterations, dtype=start.dtype, device=start.device)
     for k in tqdm(range(iterations), desc=desc, disable=not progress):
         w = hvp(basis[k][:, None])[:, 0]
-        stacked = torch.stack(basis)  # [k+1, P]
+        stacked = basis[: k + 1]  # [k+1, P], a view
         for _ in range(2):
             coeffs = stacked @ w
             w = w - stacked.T @ coeffs
@@ -90,8 +92,8 @@ def krylov_iteration(hvp: HVP, start: torch.Tensor, iterations: int, progress: b
         hessenberg[k + 1, k] = residual
         if residual <= 1e-10 * hessenberg[: k + 1, k].norm().clamp_min(1e-30):
             return stacked, hessenberg[: k + 2, : k + 1]
-        basis.append(w / residual)
-    return torch.stack(basis), hessenberg
+        basis[k + 1] = w / residual
+    return basis, hessenberg
 
 
 def ritz_extremes(hessenberg: torch.Tensor) -> tuple[float, float, float, float]:

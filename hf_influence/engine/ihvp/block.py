@@ -125,27 +125,29 @@ def block_krylov(hvp: HVP, start: torch.Tensor, steps: int, generator: torch.Gen
     re-orthogonalisation (block classical Gram-Schmidt, twice). ``H Q[:s·b]ᵀ = Q[:(s+1)·b]ᵀ T`` holds
     to round-off; stops early when every direction of a new block deflates (an invariant space: then
     ``T`` is square and ``H Qᵀ = Qᵀ T``).
-    ``generator`` fills deflated directions.
+    ``generator`` fills deflated directions. ``Q`` is one ``[(steps+1)·b, P]`` buffer filled block by block, so the
+    vectors are held once (no per-step copy).
     """
     width = start.shape[1]
-    blocks = [_orthonormal(start)]
+    basis = torch.empty((steps + 1) * width, start.shape[0], dtype=start.dtype, device=start.device)
+    basis[:width] = _orthonormal(start).T
     hessenberg = torch.zeros((steps + 1) * width, steps * width, dtype=start.dtype, device=start.device)
     for step in tqdm(range(steps), desc=desc, disable=not progress):
-        cols = slice(step * width, (step + 1) * width)
-        product = hvp(blocks[step])  # [P, b]
-        stacked = torch.cat(blocks, dim=1)  # [P, (step+1)·b]
+        cols, filled = slice(step * width, (step + 1) * width), (step + 1) * width
+        product = hvp(basis[step * width : filled].T)  # [P, b]
+        stacked = basis[:filled].T  # [P, (step+1)·b], a view
         w = product
         for _ in range(2):
             coeffs = stacked.T @ w
             w = w - stacked @ coeffs
-            hessenberg[: stacked.shape[1], cols] += coeffs
-        scale = hessenberg[: stacked.shape[1], cols].norm().clamp_min(1e-30)
+            hessenberg[:filled, cols] += coeffs
+        scale = hessenberg[:filled, cols].norm().clamp_min(1e-30)
         following, tail, complete = _next_block(w, stacked, scale, generator)
-        hessenberg[stacked.shape[1] : stacked.shape[1] + width, cols] = tail
+        hessenberg[filled : filled + width, cols] = tail
         if complete:
-            return stacked.T.contiguous(), hessenberg[: stacked.shape[1], : stacked.shape[1]]  # square: no residual left
-        blocks.append(following)
-    return torch.cat(blocks, dim=1).T.contiguous(), hessenberg
+            return basis[:filled], hessenberg[:filled, :filled]  # square: no residual left
+        basis[filled : filled + width] = following.T
+    return basis, hessenberg
 
 
 def _next_block(w: torch.Tensor, stacked: torch.Tensor, scale: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, bool]:
