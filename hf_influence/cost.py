@@ -82,7 +82,7 @@ class _Cost:
             self.hold(f"Krylov vectors [{iterations + 1}, P]", "krylov", iterations + 1, way_out)
             self.hold("pass buffers of 1 vector", "working", pass_bytes(1, 1, 1), "")
             return
-        widths = candidate_widths(self.P, self.d, self.budget)
+        widths = candidate_widths(self.P, iterations, self.d, self.budget)
         timed, steps = timing_widths(widths), {w: block_steps(iterations, w) for w in widths}
         width = min(widths, key=lambda w: (steps[w], w))  # the planner's choice when a pass costs the same at any width
         self.passes(len(timed) + steps[width], sum(timed) + width * steps[width])

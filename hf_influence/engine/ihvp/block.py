@@ -83,10 +83,13 @@ def max_block_width(num_params: int, itemsize: int, memory_budget: float) -> int
     return max(1, int(memory_budget // pass_bytes(1, num_params, itemsize)))
 
 
-def candidate_widths(num_params: int, itemsize: int, memory_budget: float) -> list[int]:
-    """The block widths :func:`plan_blocks` chooses among: powers of two up to the widest within the budget (at most 64)."""
+def candidate_widths(num_params: int, iterations: int, itemsize: int, memory_budget: float) -> list[int]:
+    """The block widths :func:`plan_blocks` chooses among: 1, and the powers of two up to 64 whose pass buffers and block
+    Krylov vectors (``(block_steps + 1) × b`` of them, held for the whole fit) fit the budget together."""
     widest = min(max_block_width(num_params, itemsize, memory_budget), _MAX_WIDTH)
-    return [2**k for k in range(int(math.log2(widest)) + 1)]
+    widths = [2**k for k in range(int(math.log2(widest)) + 1)]
+    held = {w: pass_bytes(w, num_params, itemsize) + (block_steps(iterations, w) + 1) * w * num_params * itemsize for w in widths}
+    return [w for w in widths if w == 1 or held[w] <= memory_budget]
 
 
 def timing_widths(widths: list[int]) -> tuple[int, ...]:
@@ -98,7 +101,7 @@ def plan_blocks(hvp: HVP, num_params: int, iterations: int, like: torch.Tensor, 
     """The block width (a power of two within the memory budget) that minimises ``steps × (c0 + c1·b)``, with
     the time per pass measured once with 1 and once with ``_PROBE`` vectors (c0: the forward and first
     backward of every Hessian batch, c1: each product)."""
-    widths = candidate_widths(num_params, like.element_size(), memory_budget)
+    widths = candidate_widths(num_params, iterations, like.element_size(), memory_budget)
     timed = timing_widths(widths)
     if not timed:
         return BlockPlan(1, iterations)

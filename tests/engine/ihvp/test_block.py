@@ -57,7 +57,8 @@ def test_block_width_follows_the_memory_budget_and_the_pass_costs():
 
     overhead = plan_blocks(timed(0.02, 0.0), 100, 60, like, memory_budget=2**30)  # a pass costs the same whatever its width
     assert overhead == BlockPlan(64, block_steps(60, 64))
-    assert plan_blocks(timed(0.02, 0.0), 100, 60, like, memory_budget=6 * 4 * 100 * 8) == BlockPlan(4, block_steps(60, 4))
+    # within 100 kB: blocks of 4 hold 6 pass buffers + 23 × 4 Krylov vectors of 100 fp64 values (92.8 kB); of 8, 140.8 kB
+    assert plan_blocks(timed(0.02, 0.0), 100, 60, like, memory_budget=100_000) == BlockPlan(4, block_steps(60, 4))
     # products dominate: pairs are the widest block that spends no more products than Arnoldi (60), in half the passes
     assert plan_blocks(timed(0.0, 0.01), 100, 60, like, memory_budget=2**30) == BlockPlan(2, 30)
 
