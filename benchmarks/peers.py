@@ -30,9 +30,9 @@ seeded training pairs, the same pairs for every library.
 
 Parts (each timed in this process, libraries alternating within each round, medians reported):
 
-1. ``arnoldi``: ours vs captum ``ArnoldiInfluenceFunction`` vs dattri ``IFAttributorArnoldi``, the
-   same rank p̄ and number of HVP iterations: fit + self-influence of ``--num-train`` pairs. Time,
-   peak memory (rise of the resident set over its level at the start of the run: ``VmHWM`` reset via
+1. ``arnoldi``: ours (``--algorithms``: Arnoldi and block Krylov) vs captum ``ArnoldiInfluenceFunction`` vs
+   dattri ``IFAttributorArnoldi`` (``--peers``), the same rank p̄ and number of HVP iterations: fit + self-influence
+   of ``--num-train`` pairs. Time, peak memory (rise of the resident set over its level at the start of the run: ``VmHWM`` reset via
    ``/proc/self/clear_refs``), Spearman with exact self-influence (head) and with each other.
 2. ``lissa``: s_test of ``--num-test`` test pairs on the head, Pearson with the exact s_test: ours
    ``lissa="auto"`` (its spectrum estimate included), dattri's LiSSA at its defaults and at auto's
@@ -94,6 +94,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dattri-max-repeats", type=int, default=2,
                         help="repeats T of dattri's LiSSA at auto's settings (it always runs all of them; time is linear in T)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--algorithms", nargs="+", default=["arnoldi", "block"], choices=["arnoldi", "block"],
+                        help="our eigenbasis solvers timed in the Arnoldi part (fit_arnoldi's algorithm)")
+    parser.add_argument("--peers", nargs="+", default=["captum", "dattri"], choices=["captum", "dattri"],
+                        help="peer libraries timed in the Arnoldi part")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -181,10 +185,12 @@ def timed(function, *args, **kwargs):
 
 # ----------------------------------------------------------------------------- part 1: Arnoldi
 def arnoldi_runners(problem: Problem, train: Dataset, hessian: Dataset, args: argparse.Namespace) -> dict:
-    def ours():
-        inf = problem.influence(seed=args.seed)
-        basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations)
-        return inf.self_influence(train, method="arnoldi", basis=basis), fit
+    def ours(algorithm: str):
+        def run():
+            inf = problem.influence(seed=args.seed)
+            basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations, algorithm=algorithm)
+            return inf.self_influence(train, method="arnoldi", basis=basis), fit
+        return run
 
     def captum():
         function, fit = timed(adapters.captum_arnoldi, problem, train, hessian, args.rank, args.iterations, args.seed)
@@ -194,7 +200,8 @@ def arnoldi_runners(problem: Problem, train: Dataset, hessian: Dataset, args: ar
         attributor, fit = timed(adapters.dattri_arnoldi, problem, hessian, args.rank, args.iterations, args.seed)
         return adapters.dattri_self_influence(attributor, train, problem.batch_size), fit
 
-    return {"ours": ours, "captum": captum, "dattri": dattri}
+    runners = {f"ours ({algorithm})": ours(algorithm) for algorithm in args.algorithms}
+    return {**runners, **{name: run for name, run in (("captum", captum), ("dattri", dattri)) if name in args.peers}}
 
 
 def part_arnoldi(sets: dict, train: Dataset, hessian: Dataset, exact_self: torch.Tensor, args: argparse.Namespace) -> None:
@@ -204,18 +211,18 @@ def part_arnoldi(sets: dict, train: Dataset, hessian: Dataset, exact_self: torch
         print(f"\n### {label}: {problem.num_params:,} parameters", flush=True)
         records = alternate(arnoldi_runners(problem, train, hessian, args), args.rounds)
         scores = {name: r["result"] for name, r in records.items()}
-        print("\n| library | fit + self-influence s | fit s | peak MiB | Spearman vs exact | vs ours | vs captum | vs dattri |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"\n| library | fit + self-influence s | fit s | peak MiB | Spearman vs exact | {' | '.join(f'vs {n}' for n in scores)} |")
+        print("|---|---:|---:|---:|---:|" + "---:|" * len(scores))
         for name, record in records.items():
             vs_exact = f"{spearman(scores[name], exact_self):.4f}" if label == "head" else "—"
             others = " | ".join("1" if other == name else f"{spearman(scores[name], scores[other]):.4f}" for other in scores)
             print(f"| {name} | {median(record['seconds']):.2f} | {median(record['fit']):.2f} | {median(record['peak']):.0f} | "
                   f"{vs_exact} | {others} |")
-        ours_s = median(records["ours"]["seconds"])
-        print(f"\nours vs captum: {median(records['captum']['seconds']) / ours_s:.1f}x faster; "
-              f"vs dattri: {median(records['dattri']['seconds']) / ours_s:.1f}x faster "
-              f"(per round: captum {[round(c / o, 1) for c, o in zip(records['captum']['seconds'], records['ours']['seconds'])]}, "
-              f"dattri {[round(d / o, 1) for d, o in zip(records['dattri']['seconds'], records['ours']['seconds'])]})", flush=True)
+        for ours in (n for n in records if n.startswith("ours")):
+            for peer in (n for n in records if not n.startswith("ours")):
+                per_round = [round(p / o, 1) for p, o in zip(records[peer]["seconds"], records[ours]["seconds"])]
+                print(f"{ours} vs {peer}: {median(records[peer]['seconds']) / median(records[ours]['seconds']):.1f}x faster "
+                      f"(per round {per_round})", flush=True)
 
 
 # ----------------------------------------------------------------------------- part 2: LiSSA
