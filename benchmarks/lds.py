@@ -1,6 +1,7 @@
 """Linear datamodeling score (LDS) of every method on SICK: how well each predicts retraining on random halves.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/lds.py [--num-models 100] [--num-val 100] [--num-report 200]
+    OMP_NUM_THREADS=1 .venv-peers/bin/python -u benchmarks/lds.py --ekfac [--num-models 100] [--num-val 100] [--num-report 200]
+    OMP_NUM_THREADS=1 .venv/bin/python -u benchmarks/lds.py      # the same without EK-FAC (no kronfluence needed)
 
 SICK (``../shared/data/sick``, read in place; the script exits cleanly when it is absent): a word-level
 tokenizer and the recipe's tiny BERT from config (hidden 64, 2 layers) reading the overlap hint
@@ -16,6 +17,11 @@ setting where the influence approximation is asked exactly the question retraini
 Test rows: ``--num-val`` SICK test pairs choose each method's damping (the sweep ``--dampings``, the best
 LDS on them), ``--num-report`` other test pairs give the reported LDS and its 95% bootstrap CI. Cost: seconds
 of the reported call (basis fit + scoring of all training pairs against all test pairs), on shared cores.
+
+``--ekfac`` adds kronfluence's EK-FAC (``benchmarks/_peers/ekfac_sweep.py``; kronfluence lives in ``.venv-peers``,
+which has this package installed editable) on the same model, head modules and training pairs, swept over the
+same dampings plus kronfluence's own heuristic; the table then gives every method's LDS minus EK-FAC's on the same
+test rows, with a paired bootstrap CI: the test of "better than EK-FAC".
 """
 
 from __future__ import annotations
