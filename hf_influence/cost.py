@@ -106,17 +106,17 @@ class _Cost:
 
     def spectrum(self, method: str = "lanczos", iterations: int = 30, trace_estimator: str = "hutch++", trace_matvecs: int = 30) -> None:
         check_spectrum_request(method, trace_estimator)
-        if method == "lanczos":
-            self.passes(iterations, iterations)
-            self.hold(f"Lanczos vectors [{iterations + 1}, P]", "krylov", iterations + 1, "fewer iterations")
-        else:
-            self.passes(iterations, iterations)
+        self.passes(iterations, iterations)
+        if method == "power":
             self.notes.append(f"power iteration: at most {iterations} passes")
         blocks = hutchpp_blocks(trace_matvecs) if trace_estimator == "hutch++" else (trace_matvecs,)
         for block in blocks:
             self.passes(1, block)
-        self.hold(f"trace probes and products [{2 * sum(blocks[-2:])}, P]", "working", 2 * sum(blocks[-2:]) + pass_bytes(max(blocks), 1, 1),
-                  "fewer trace_matvecs")
+        trace = 2 * sum(blocks[-2:]) + pass_bytes(max(blocks), 1, 1)  # probes, products, pass buffers
+        rows, what = (iterations + 1, f"Lanczos vectors [{iterations + 1}, P]") if method == "lanczos" else (3, "power iterates [3, P]")
+        if trace > rows:  # the two phases run one after the other
+            rows, what = trace, f"trace probes, products and pass buffers [{trace}, P]"
+        self.hold(what, "krylov", rows, "fewer iterations or trace_matvecs")
 
     def lissa(self, data: Any, lissa: Any, columns: int | None, solves: int | None) -> None:
         """LiSSA solves with ``columns`` right-hand sides each (the spectrum first for ``"auto"``)."""
