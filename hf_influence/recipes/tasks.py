@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
     PreTrainedTokenizerFast,
     PrinterCallback,
 )
@@ -104,8 +105,16 @@ class NliRecipeTask:
         return load_metric("accuracy").compute(predictions=output.predictions.argmax(-1), references=output.label_ids)["accuracy"]
 
     def loss(self, trainer: InfluenceTrainer, train: Dataset) -> torch.Tensor:
-        output = trainer.predict(train)
-        return torch.nn.functional.cross_entropy(torch.as_tensor(output.predictions).float(), torch.as_tensor(output.label_ids), reduction="none")
+        """Cross-entropy of each row, ``[N]``, in row order (not through ``trainer.predict``, whose loop groups rows by
+        length under ``group_by_length`` and would return the losses permuted)."""
+        model, losses = trainer.model.eval(), []
+        columns = [c for c in ("input_ids", "attention_mask", "token_type_ids", "labels") if c in train.column_names]
+        with torch.no_grad():
+            for batch in _batches(train, columns, DataCollatorWithPadding(self.tokenizer)):
+                batch = batch.to(model.device)
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                losses.append(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none"))
+        return torch.cat(losses).cpu()
 
 
 def with_overlap_hint(premise: str, hypothesis: str, separator: str = "[SEP]") -> str:

@@ -135,3 +135,28 @@ def test_an_fsdp_launch_is_refused_before_any_work(monkeypatch, tmp_path):
     with pytest.raises(InvalidInputError, match="not under FSDP"):
         run_recipe(RecipeArguments(task="nli", dataset="sick", data_dir=str(SICK), output_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
+
+
+def test_the_loss_ranking_is_in_row_order_when_training_groups_rows_by_length(tmp_path):
+    """Under group_by_length the Trainer's prediction loop reorders rows; the loss ranking must not: each row's
+    cross-entropy equals that row's loss computed alone."""
+    import random
+
+    from datasets import ClassLabel, Dataset
+
+    from hf_influence.corpora import NLI_LABELS
+    from hf_influence.recipes.presets import make_pair
+
+    rng = random.Random(0)
+    pairs = [make_pair(rng) for _ in range(40)]
+    raw = Dataset.from_dict({"premise": [p for p, _, _ in pairs], "hypothesis": [h + " very" * (i % 7) for i, (_, h, _) in enumerate(pairs)],
+                             "label": [lab for _, _, lab in pairs]}).cast_column("label", ClassLabel(names=list(NLI_LABELS)))
+    args = RecipeArguments(task="nli", hidden_size=16, num_layers=1, group_by_length=True, output_dir=str(tmp_path))
+    recipe = NliRecipeTask(args, raw)
+    data = recipe.encode(raw).add_column("row_index", list(range(40)))
+    trainer = recipe.trainer(data, tmp_path / "run", seed=0)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        alone = torch.stack([torch.nn.functional.cross_entropy(model(**{k: torch.tensor([data[i][k]]) for k in ("input_ids", "attention_mask",
+                             "token_type_ids")}).logits, torch.tensor([data[i]["labels"]])) for i in range(40)])
+    torch.testing.assert_close(recipe.loss(trainer, data), alone, rtol=1e-4, atol=1e-5)
