@@ -100,3 +100,18 @@ def test_ekfac_sweep_is_kronfluence_at_each_damping_with_our_sign(problem, ours)
     torch.testing.assert_close(sweep[problem.damping][0], fresh.float(), rtol=1e-4, atol=1e-6 * float(fresh.abs().max()))
     assert not torch.allclose(sweep[None][0], sweep[problem.damping][0])  # the heuristic damping really is another one
     assert pearson(sweep[problem.damping][0], ours["exact"]) >= EKFAC_SIGN_FLOOR
+
+
+def test_ekfac_sweep_empirical_fisher_uses_the_true_labels(problem):
+    """With ``empirical_fisher`` the factors come from the true labels: no sampling, so the seed changes nothing,
+    while the default (labels sampled from the model) changes with it."""
+    from benchmarks._peers.ekfac_sweep import ekfac_sweep
+
+    problem, train, test = problem
+
+    def scores(seed: int, empirical: bool) -> torch.Tensor:
+        sweep, _ = ekfac_sweep(problem.model, problem.param_names, [1e-4], test, train, problem.batch_size, seed, empirical)
+        return sweep[1e-4][0]
+
+    torch.testing.assert_close(scores(0, True), scores(1, True), rtol=1e-5, atol=0.0)
+    assert not torch.allclose(scores(0, False), scores(1, False))

@@ -187,9 +187,11 @@ class Kronfluence:
         problem (`Problem`): its ``param_names`` must be whole ``nn.Linear`` modules.
         strategy (`str`): kronfluence's factor strategy (``"ekfac"``, ``"kfac"``, ``"diagonal"``, ``"identity"``).
         damping (`float`, *optional*): ``damping_factor``; ``None`` is kronfluence's heuristic (0.1 × mean eigenvalue).
+        empirical_fisher (`bool`, defaults to `False`): fit the factors with the true labels (the empirical Fisher)
+            instead of labels sampled from the model's predictions (the true Fisher, kronfluence's default).
     """
 
-    def __init__(self, problem: Problem, strategy: str = "ekfac", damping: float | None = 0.0):
+    def __init__(self, problem: Problem, strategy: str = "ekfac", damping: float | None = 0.0, empirical_fisher: bool = False):
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
 
@@ -200,7 +202,7 @@ class Kronfluence:
         model = prepare_model(copy.deepcopy(problem.model), task)
         self.analyzer = Analyzer("peers", model, task, cpu=True, output_dir=self.folder.name, disable_tqdm=True,
                                  disable_model_save=True)
-        self.factor_args = FactorArguments(strategy=strategy)
+        self.factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical_fisher)
         self.score_args = ScoreArguments(damping_factor=damping)
 
     def set_damping(self, damping: float | None) -> None:
