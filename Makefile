@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-peers clean
+.PHONY: demo test bench bench-peers bench-lds clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ $(PEERS_STAMP): pyproject.toml benchmarks/constraints-peers.txt
 
 bench-peers: $(PEERS_STAMP)
 	OMP_NUM_THREADS=$(PEERS_THREADS) $(PEERS)/bin/python -u benchmarks/peers.py $(PEERS_ARGS)
+
+# The LDS table of benchmarks/RESULTS.md, kronfluence's EK-FAC included (it lives in the peers' virtualenv).
+bench-lds: $(PEERS_STAMP)
+	OMP_NUM_THREADS=$(PEERS_THREADS) $(PEERS)/bin/python -u benchmarks/lds.py --ekfac $(LDS_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
