@@ -1,11 +1,11 @@
 """Cost estimates against what the calls hold: the peak resident-memory rise of each call (``VmHWM`` after
 ``clear_refs``, Linux) next to its ``Influence.estimate_cost`` peak, each call in its own child process.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cost_accuracy.py [--iterations 200] [--repo PATH]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cost_accuracy.py [--iterations 200] [--repo PATH ...]
 
 Model: the test suite's tiny BERT widened to hidden 128 (291,587 parameters, all selected), 16 rows; fits of rank 5.
-``--repo`` imports ``hf_influence`` from another checkout (e.g. ``git archive <commit> | tar -x -C /tmp/old``), to put
-two versions side by side. The rise also counts the allocator's own slack and the activations, which estimates leave out.
+``--repo`` imports ``hf_influence`` from another checkout (e.g. ``git archive <commit> | tar -x -C /tmp/old``); given
+several times, the checkouts take turns on each call, side by side. The rise also counts the allocator's own slack and the activations, which estimates leave out.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _status(key: str) -> float:
 
 
 def child(name: str, args) -> dict:
-    sys.path.insert(0, args.repo)
+    sys.path.insert(0, args.repo[0])
     import torch
 
     import hf_influence as hfi
@@ -57,22 +57,25 @@ def child(name: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=200)
-    parser.add_argument("--repo", default=str(REPO))
+    parser.add_argument("--repo", action="append", help="checkout to import hf_influence from (default: this one)")
     parser.add_argument("--call", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.call:
         print(json.dumps(child(args.call, args)))
         return
-    print(f"hf_influence from {args.repo}; {args.iterations} iterations; {os.cpu_count()} cores, load "
-          f"{os.getloadavg()[0]:.1f} at start\n\n| call | P | peak RSS rise (MiB) | estimated peak (MiB) | seconds |\n|---|---|---|---|---|")
+    repos = args.repo or [str(REPO)]
+    print(f"{args.iterations} iterations; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at start\n\n"
+          "| call | hf_influence from | P | peak RSS rise (MiB) | estimated peak (MiB) | seconds |\n|---|---|---|---|---|---|")
     for name in CALLS:
-        command = [sys.executable, __file__, "--call", name, "--iterations", str(args.iterations), "--repo", args.repo]
-        out = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-        if out.returncode:
-            print(f"| {name} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:120]} | | | |")
-            continue
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"| {name} | {row['params']:,} | {row['rise_mib']:.0f} | {row['estimate_mib']:.0f} | {row['seconds']:.1f} |", flush=True)
+        for repo in repos:
+            command = [sys.executable, __file__, "--call", name, "--iterations", str(args.iterations), "--repo", repo]
+            out = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+            if out.returncode:
+                print(f"| {name} | {repo} | failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:120]} | | | |")
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {name} | {repo} | {row['params']:,} | {row['rise_mib']:.0f} | {row['estimate_mib']:.0f} | {row['seconds']:.1f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
