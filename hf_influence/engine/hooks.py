@@ -124,7 +124,7 @@ class Projections:
     """Per-example gradients projected on directions module by module: ``total`` ``[B, p̄]``, with no
     per-example gradient of the whole selection ever held (an embedding's is formed only for a table with no more
     rows than tokens; otherwise the directions' rows are gathered at the input ids, once for ids the batch shares). ``columns`` holds the directions by parameter (see :func:`_columns`):
-    a contiguous transposed copy ``{name: [*shape, p̄]}`` (``transposed``: ~10% faster per hooked pass), or views
+    a contiguous transposed copy ``{name: [*shape, p̄]}`` (``transposed``; views take 1.09-1.17x its time per hooked pass), or views
     ``{name: [p̄, *shape]}`` of the directions themselves (no copy)."""
 
     def __init__(self, columns: Params, transposed: bool, size: int, rank: int, dtype: torch.dtype, device: torch.device):
