@@ -220,7 +220,7 @@ CASES = [
      "Shard 0 (rows 0-3): NaN/Inf in per-example gradients (batch 0)"),
     ("nan_in_hessian_vector_products",
      lambda w, out: cli("fit", w.config("fit", model_name_or_path=str(w.root / "nan_model"), rank=2, iterations=4), out),
-     "NaN/Inf in a Hessian-vector product (Hessian data batch 0, 4 examples)"),
+     "NaN/Inf in a Hessian-vector product (Hessian data batch 0, "),  # its rows: as many short rows as the token cap holds
     ("lissa_divergence",
      lambda w, out: api_error(lambda: hfi.Influence(w.model, last_n_layers=1, progress=False).s_test(
          w.train.select(range(2)), w.train, lissa=hfi.LissaConfig(scale=1e-4, steps=20, batch_size=4))),
