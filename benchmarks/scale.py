@@ -45,7 +45,7 @@ from transformers.utils import logging  # noqa: E402
 
 import hf_influence as hfi  # noqa: E402
 from hf_influence._utils.errors import MemoryBudgetError  # noqa: E402
-from hf_influence.corpora import NLI_LABELS, load_sick  # noqa: E402
+from hf_influence.corpora import load_sick  # noqa: E402
 from hf_influence.data import make_loader  # noqa: E402
 from hf_influence.engine.grads import accumulation_dtype, eval_mode  # noqa: E402
 from hf_influence.engine.prefix import PrefixReplay  # noqa: E402
@@ -92,8 +92,8 @@ def sick_rows(tokenizer, count: int, causal: bool, data_dir: Path):
         return Dataset.from_dict({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
                                   "labels": encoded["input_ids"]})  # padded with -100 by the collator
     encoded = tokenizer(premises, hypotheses, truncation=True, max_length=128)
-    labels = [int(label) if isinstance(label, int) else NLI_LABELS.index(label) for label in list(train["label"])]
-    return Dataset.from_dict({**{k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask")}, "labels": labels})
+    columns = {k: encoded[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    return Dataset.from_dict({**columns, "labels": list(train["label"])})  # ClassLabel ids in NLI_LABELS order
 
 
 def build(name: str, scored: int, data_dir: Path):
@@ -182,19 +182,17 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def training_pass(model, optimizer, loader) -> float:
-    start = time.perf_counter()
+def train(model, optimizer, loader) -> None:
     for batch in loader:
         optimizer.zero_grad(set_to_none=True)
         model.train()(**batch).loss.backward()
         optimizer.step()
-    return time.perf_counter() - start
 
 
 def sides(inf, trained, basis, args):
     """``{side: run(rows) -> seconds}``: the training step over ``rows``, and the two self-influence methods over it."""
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-5)
-    return {"train": lambda rows: training_pass(trained, optimizer, make_loader(rows, args.batch_size, inf._pad_id())),
+    return {"train": lambda rows: timed(train, trained, optimizer, make_loader(rows, args.batch_size, inf._pad_id())),
             "arnoldi": lambda rows: timed(inf.self_influence, rows, method="arnoldi", basis=basis),
             "tracin": lambda rows: timed(inf.self_influence, rows, method="tracin")}
 
