@@ -18,6 +18,9 @@ Test rows: ``--num-val`` SICK test pairs choose each method's damping (the sweep
 LDS on them), ``--num-report`` other test pairs give the reported LDS and its 95% bootstrap CI. Cost: seconds
 of the reported call (basis fit + scoring of all training pairs against all test pairs), on shared cores.
 
+An ensemble row (``--ensemble-heads``): random projection's scores averaged over several heads, the scored one and
+others refit on all training pairs from other seeded initialisations (the subset models all start from the first).
+
 ``--ekfac`` adds kronfluence's EK-FAC (``benchmarks/_peers/ekfac_sweep.py``; kronfluence lives in ``.venv-peers``,
 which has this package installed editable) on the same model, head modules and training pairs, swept over the
 same dampings plus kronfluence's own heuristic, twice: at its default (the true Fisher, sampled labels) and fitted
@@ -77,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lissa-val", type=int, default=25, help="LiSSA's sweep rows (the first of --num-val)")
     parser.add_argument("--lissa-report", type=int, default=50, help="LiSSA's reported rows (the first of --num-report)")
     parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--ensemble-heads", type=int, default=5, help="random projection at the largest --randproj-ranks, scores "
+                        "averaged over this many heads: the scored one and others refit from other seeded initialisations (< 2: skip)")
     parser.add_argument("--ekfac", action="store_true", help="add kronfluence's EK-FAC (run under .venv-peers, which has kronfluence)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -111,6 +116,9 @@ def methods(args: argparse.Namespace) -> dict[str, dict]:
         table[f"Fisher eigenbasis p̄={rank}"] = {"method": "arnoldi", "fit": ("fisher", rank)}
     for rank in args.randproj_ranks:
         table[f"random projection p̄={rank}"] = {"method": "randproj", "rank": rank}
+    if args.ensemble_heads > 1 and args.randproj_ranks:
+        rank = max(args.randproj_ranks)
+        table[f"random projection p̄={rank}, {args.ensemble_heads} heads averaged"] = {"method": "randproj", "rank": rank, "heads": args.ensemble_heads}
     if args.lissa_dampings:
         table["auto-LiSSA"] = {"method": "lissa", "dampings": args.lissa_dampings, "rows": (args.lissa_val, args.lissa_report)}
     table["TracIn (gradient dot product)"] = {"method": "tracin", "dampings": [0.0]}
@@ -160,13 +168,25 @@ def sweep_method(model, name: str, spec: dict, args, test: Dataset, train: Datas
         by_damping, seconds = exact_sweep(model, dampings, test, train)
         return {d: (scores, seconds) for d, scores in by_damping.items()}, 0.0
     basis, fit_seconds = fit_basis(model, spec, train)
+    models = [model, *spec.get("models", [])]  # an ensemble (no basis): the scores averaged over its heads
     sweep = {}
     for damping in dampings:
         try:
-            sweep[damping] = score_method(model, spec, damping, test, train, basis)
+            runs = [score_method(member, spec, damping, test, train, basis) for member in models]
+            sweep[damping] = (torch.stack([scores for scores, _ in runs]).mean(0), sum(seconds for _, seconds in runs))
         except HfInfluenceError as error:  # a damping the method refuses (e.g. LiSSA diverging) is reported and skipped
             print(f"  {name} at damping {damping:g}: {type(error).__name__}: {str(error).splitlines()[0]}", flush=True)
-    return sweep, fit_seconds
+    return sweep, fit_seconds + spec.get("refit_seconds", 0.0)
+
+
+def ensemble_heads(model, table: dict[str, dict], init_seed: int, features: torch.Tensor, labels: torch.Tensor, args) -> None:
+    """Give each ensemble method its other heads: the scored model with the head refit on all training pairs from
+    initialisation seeds ``init_seed + 1, ...``; their refit seconds count as the method's fit."""
+    for spec in table.values():
+        if "heads" in spec:
+            tick = time.perf_counter()
+            heads = [fit_head(head_init(model, init_seed + k), features, labels, args.l2, args.head_iterations) for k in range(1, spec["heads"])]
+            spec["models"], spec["refit_seconds"] = [scored_model(model, head) for head in heads], time.perf_counter() - tick
 
 
 def measure(model, table: dict[str, dict], args, test: Dataset, train: Dataset, subsets: torch.Tensor, outputs: torch.Tensor) -> list[dict]:
@@ -223,7 +243,7 @@ def report(rows: list[dict], args) -> None:
 def main() -> int:
     args = parse_args()
     if args.ekfac and importlib.util.find_spec("kronfluence") is None:
-        print("--ekfac needs kronfluence: run under .venv-peers (make .venv-peers/.installed creates it)")
+        print("--ekfac needs kronfluence: run under .venv-peers (make bench-lds creates it and runs this)")
         return 1
     try:
         sick = load_sick(args.data_dir / "sick")
@@ -255,7 +275,9 @@ def main() -> int:
     print(f"{args.num_models} subset models (fraction {args.fraction}) in {out_dir}: {len(trained)} trained now in "
           f"{time.perf_counter() - tick:.0f}s; mean test loss {outputs.mean():.3f}", flush=True)
 
-    rows = measure(model, methods(args), args, test, train, subsets, outputs)
+    table = methods(args)
+    ensemble_heads(model, table, args.seed, features, labels, args)
+    rows = measure(model, table, args, test, train, subsets, outputs)
     report(rows, args)
     (out_dir / f"lds_results_{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     print(f"\ntotal {time.perf_counter() - start:.0f}s")
