@@ -20,9 +20,9 @@ from .engine.hooks import hook_plan
 from .engine.hvp import dataset_hvp
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.kronecker import KroneckerMap, project_kronecker, subspace_hessian
+from .engine.norms import hook_squared_norms
 from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
 from .engine.scoring import FeatureFn, SubspaceInverse, random_subspace
-from .engine.norms import hook_squared_norms
 from .inputs import check_examples, input_limits
 from .knn import IndexChecks
 from .params import select_parameters
@@ -109,6 +109,10 @@ class ModelWiring:
     def _device(self) -> torch.device:
         return next(iter(self._params().values())).device
 
+    def _dtype(self) -> torch.dtype:
+        """The model's dtype (of its selected parameters), which chooses the advice given on NaN/Inf."""
+        return next(iter(self._params().values())).dtype
+
     def _pad_id(self) -> int:
         pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
         return 0 if pad is None else int(pad)
@@ -127,10 +131,6 @@ class ModelWiring:
         if not batches:
             raise InvalidInputError("The Hessian data is empty: pass at least one training example.")
         return batches
-    def _dtype(self) -> torch.dtype:
-        """The model's dtype (of its selected parameters), which chooses the advice given on NaN/Inf."""
-        return next(iter(self._params().values())).dtype
-
 
     def _grad_fn(self, loss_fn: LossFunction) -> FeatureFn:
         params = self._params()
