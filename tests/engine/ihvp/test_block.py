@@ -1,12 +1,12 @@
 """Block Krylov eigenbasis: the explicit matrix's eigenpairs, the tiny BERT's explicit Hessian, exact influence."""
 
-import time
 
 import pytest
 import torch
 
 from hf_influence._utils.errors import InvalidInputError
 from hf_influence.engine.ihvp.base import distill
+from hf_influence.engine.ihvp import block
 from hf_influence.engine.ihvp.block import BlockPlan, block_krylov, block_steps, max_block_width, plan_blocks
 from tests import utils
 
@@ -46,21 +46,28 @@ def test_rank_deficient_blocks_are_refilled_and_the_relation_holds():
     torch.testing.assert_close(eigenvalues, values[:4])
 
 
-def test_block_width_follows_the_memory_budget_and_the_pass_costs():
+def test_block_width_follows_the_memory_budget_and_the_pass_costs(monkeypatch):
     assert max_block_width(10_000, itemsize=4, memory_budget=6 * 3 * 10_000 * 4) == 3  # 3 blocks' buffers fit
     assert max_block_width(10_000, itemsize=4, memory_budget=1) == 1
     assert [block_steps(60, w) for w in (1, 2, 8, 32)] == [60, 30, 15, 8]
     like = torch.zeros((), dtype=torch.float64)
 
+    clock = [0.0]  # a pass advances this clock by its cost, so the plan does not depend on the machine's load
+    monkeypatch.setattr(block.time, "perf_counter", lambda: clock[0])
+
     def timed(fixed: float, per_vector: float):
-        return lambda v: time.sleep(fixed + per_vector * v.shape[1]) or v
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            clock[0] += fixed + per_vector * v.shape[1]
+            return v
+
+        return hvp
 
     overhead = plan_blocks(timed(0.02, 0.0), 100, 60, like, memory_budget=2**30)  # a pass costs the same whatever its width
     assert overhead == BlockPlan(64, block_steps(60, 64))
     # within 100 kB: blocks of 4 hold 6 pass buffers + 23 × 4 Krylov vectors of 100 fp64 values (92.8 kB); of 8, 140.8 kB
     assert plan_blocks(timed(0.02, 0.0), 100, 60, like, memory_budget=100_000) == BlockPlan(4, block_steps(60, 4))
-    # products dominate: pairs are the widest block that spends no more products than Arnoldi (60), in half the passes
-    assert plan_blocks(timed(0.0, 0.01), 100, 60, like, memory_budget=2**30) == BlockPlan(2, 30)
+    # products dominate (a pass's own cost is small): pairs are the widest block that spends no more products than Arnoldi (60), in half the passes
+    assert plan_blocks(timed(0.0005, 0.01), 100, 60, like, memory_budget=2**30) == BlockPlan(2, 30)
 
 
 @pytest.fixture(scope="module")
