@@ -94,6 +94,13 @@ class ModelWiring:
                 "hf_influence outside the autocast block (e.g. outside accelerator.autocast()); it accumulates in "
                 "float32 on its own."
             )
+        if "_original_forward" in vars(self.model):  # Accelerate's mixed precision wraps forward in autocast
+            raise InvalidInputError(
+                "The model's forward is wrapped in torch.autocast by Accelerate's mixed precision (prepared with "
+                "mixed_precision='bf16' or 'fp16'): gradients and Hessian-vector products would run in half precision. "
+                "Unwrap it first: model = accelerator.unwrap_model(model, keep_fp32_wrapper=False) "
+                "(InfluenceTrainer does this itself)."
+            )
 
     def hessian_rows(self, data: Any) -> Any:
         """The seeded random subset of at most ``hessian_examples`` rows that every Hessian pass uses (in row order)."""

@@ -64,8 +64,6 @@ def validation_influence(inf: Any, validation_data: Any, train_data: Any, method
 def compute_rankings(trainer: Any, recipe: Any, noisy: Any, validation: Any, args: Any, timer: Timer) -> tuple[dict[str, torch.Tensor], dict]:
     """Every ranking's score per training row (higher = more suspect); LiSSA's on its subset only."""
     scores: dict[str, torch.Tensor] = {}
-    # mixed-precision training leaves the model's forward wrapped in autocast (Accelerate): influence runs in float32
-    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     basis = timer.run("arnoldi fit", trainer.fit_influence)  # its time is added to every Arnoldi row below
     inf, loader = trainer.get_influence(), trainer.get_influence_dataloader(noisy)
     hessian_loader = trainer.get_influence_dataloader(trainer.get_hessian_dataset(noisy))  # the rows Arnoldi's Hessian averages

@@ -214,7 +214,11 @@ class InfluenceTrainerMixin:
     def get_influence(self, progress: bool = False) -> Influence:
         """An `Influence` over the trainer's model with the ``influence_*`` settings (parameters, damping,
         batch size, seed, projection, memory budget), for methods the trainer does not wrap (LiSSA,
-        random projection, spectra)."""
+        random projection, spectra).
+
+        Mixed-precision training (``bf16=True`` / ``fp16=True``) leaves Accelerate's autocast wrapper on the model's
+        forward; it is removed here so influence runs in the model's own dtype (a later ``train()`` wraps it again)."""
+        self.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         return Influence.from_config(self.model, self._influence_settings().influence_config(InfluenceConfig), progress=progress)
 
     def get_influence_dataloader(self, dataset: Any) -> DataLoader:

@@ -92,6 +92,23 @@ def test_after_train_the_basis_follows_the_new_weights(tmp_path):
     torch.testing.assert_close(scores, inf.self_influence(train, basis=basis), atol=API_ATOL, rtol=1e-4)
 
 
+def test_mixed_precision_training_scores_in_the_models_dtype(tmp_path):
+    """bf16=True leaves Accelerate's autocast wrapper on model.forward: the trainer removes it, and the facade refuses it."""
+    torch.manual_seed(0)
+    model, train = utils.tiny_bert(), utils.classification_dataset(24, seed=1)
+    trainer = hfi.InfluenceTrainer(model=model, args=influence_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=8,
+                                                                    influence_damping=0.1, bf16=True),
+                                   train_dataset=train, data_collator=PaddingCollator())
+    trainer.train()
+    assert "_original_forward" in vars(model)  # what Accelerate leaves behind after mixed-precision training
+    with pytest.raises(InvalidInputError, match="keep_fp32_wrapper=False"):
+        hfi.Influence(model, last_n_layers=1, progress=False).self_influence(train, method="tracin")
+    scores = trainer.self_influence(method="tracin")
+    assert "_original_forward" not in vars(model)
+    inf = hfi.Influence(model, last_n_layers=1, batch_size=16, progress=False)  # float32 throughout
+    torch.testing.assert_close(scores, inf.self_influence(train, method="tracin"), atol=API_ATOL, rtol=1e-4)
+
+
 @pytest.mark.parametrize("build", [utils.tiny_marian, utils.tiny_t5])
 def test_seq2seq_trainer_equals_the_facade(build, tmp_path):
     torch.manual_seed(0)
