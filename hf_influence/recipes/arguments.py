@@ -60,6 +60,8 @@ class RecipeArguments:
     hessian_examples: int | None = field(default=InfluenceConfig.hessian_examples, metadata={
         "help": "The Hessian is that of the mean loss over a seeded random subset of this many training rows."})
     influence_batch_size: int = field(default=InfluenceConfig.batch_size, metadata={"help": "Examples per batch when scoring."})
+    memory_budget_gb: float = field(default=InfluenceConfig.memory_budget_gb, metadata={
+        "help": "What one influence call may hold at once (GiB); a call that needs more is refused before it starts."})
     shard_size: int = field(default=ScoringConfig.shard_size, metadata={"help": "Rows per saved score shard (resumable)."})
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES), metadata={
         "help": f"Rankings beside Arnoldi: {', '.join(BASELINES)} (val_influence: each row's total influence on the loss of the "

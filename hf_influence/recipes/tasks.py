@@ -49,7 +49,7 @@ def influence_settings(args: Any) -> dict[str, Any]:
     `InfluenceConfig` / `BasisConfig` / `ScoringConfig` (built here, so their checks run before any data is read)."""
     configs = (
         InfluenceConfig(params=args.params, last_n_layers=args.last_n_layers, damping=args.damping, batch_size=args.influence_batch_size,
-                        seed=args.seed, hessian_examples=args.hessian_examples),
+                        seed=args.seed, hessian_examples=args.hessian_examples, memory_budget_gb=args.memory_budget_gb),
         BasisConfig(rank=max(args.ranks), iterations=args.iterations),
         ScoringConfig(shard_size=args.shard_size),  # the method is named at each call: the recipe ranks by several
     )
