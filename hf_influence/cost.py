@@ -21,7 +21,7 @@ from ._utils.errors import HfInfluenceError, InvalidInputError
 from .config import Algorithm, BasisConfig, Curvature, Method, RandomProjection, as_choice, implicit_iterations
 from .cost_estimate import CostEstimate, MemoryPart
 from .data import batch_size_of, dataset_of
-from .engine.grads import accumulation_dtype
+from .engine.grads import HOOK_CHECK_ROWS, accumulation_dtype, hooks_by_default
 from .engine.hvp import EXPLICIT_CHUNK, pass_bytes
 from .engine.ihvp.block import block_steps, candidate_widths, timing_widths
 from .engine.ihvp.fisher import held_bytes
@@ -173,8 +173,11 @@ class _Cost:
             self.hold(f"its Hessian products [{rank}, P] and pass buffers", "working", rank + pass_bytes(rank, 1, 1), "a lower rank")
             self.projection(rank)
         else:
-            self.gradients(self.B, "formed" if method is not Method.TRACIN or not norms else
-                           "formed for the first batch; then hooks, where they apply, take norms without [B, P]")
+            if method is Method.TRACIN and norms and hooks_by_default(self.owner._dtype()):
+                self.gradients(2 * min(self.B, HOOK_CHECK_ROWS), f"hooks' and vmap's for {HOOK_CHECK_ROWS} rows of the first batch (the "
+                                                                 "hooks check); then hooks, where they apply, take norms without [B, P]")
+            else:
+                self.gradients(self.B, "formed")
         if method is Method.EXACT:
             self.hessian(hessian_data)
             self.exact(decomposed=True)

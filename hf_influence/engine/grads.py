@@ -126,6 +126,14 @@ def per_example_grads(
     return loss_fn.selection.flatten(grads, batch_dims=1).to(accumulation_dtype(params))
 
 
+HOOK_CHECK_ROWS = 2  # rows of the first batch on which a caller that never needs [B, P] checks hooks against vmap
+
+
+def hooks_by_default(dtype: torch.dtype) -> bool:
+    """Whether ``mode="auto"`` tries module hooks for a model of this dtype (float32 / float64; half precision keeps vmap)."""
+    return dtype in (torch.float32, torch.float64)
+
+
 def per_example_grad_tensors(
     loss_fn: LossFunction, params: Params, batch: Batch, chunk_size: int | None = None, mode: str = "auto"
 ) -> Params:
@@ -140,8 +148,8 @@ def per_example_grad_tensors(
     closer to float32's by norm (0.7% vs 1.8%), yet their self-influence ranks agree less with float32's
     (Spearman 0.935 vs 0.961, unexplained), so ``mode="hooks"`` there is opt-in.
     """
-    half = next(iter(params.values())).dtype not in (torch.float32, torch.float64)
-    if mode == "hooks" or (mode == "auto" and not half and loss_fn.hooks_ok is not False):
+    hookable = hooks_by_default(next(iter(params.values())).dtype)
+    if mode == "hooks" or (mode == "auto" and hookable and loss_fn.hooks_ok is not False):
         plan = hook_plan(loss_fn, params)
         if plan is None and mode == "hooks":
             raise InvalidInputError("Per-example gradients by hooks need every selected parameter to be the weight or bias "

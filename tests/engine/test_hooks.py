@@ -114,6 +114,27 @@ def test_scores_unchanged_by_hooks(selecting):
         torch.testing.assert_close(ours, reference, rtol=1e-9, atol=0)
 
 
+def test_tracin_checks_hooks_on_a_few_rows(monkeypatch):
+    """TracIn self-influence checks hooks against vmap on the first batch's first HOOK_CHECK_ROWS rows only (so no
+    [B, P] gradients are formed), and its cost estimate counts those rows; the scores equal vmap's norms."""
+    from hf_influence.engine import grads
+
+    torch.manual_seed(0)
+    model, train = utils.tiny_bert().double().eval(), utils.classification_dataset(10)
+    inf = hfi.Influence(model, batch_size=4, progress=False)
+    seen = []
+    traced = grads._vmap_grads
+    monkeypatch.setattr(grads, "_vmap_grads", lambda loss_fn, params, batch, chunk: seen.append(
+        next(iter(batch.values())).shape[0]) or traced(loss_fn, params, batch, chunk))
+    ours = inf.self_influence(train, method="tracin")
+    assert inf.train_loss.hooks_ok is True and seen == [grads.HOOK_CHECK_ROWS]
+    estimate = inf.estimate_cost("self_influence", train, method="tracin")
+    assert estimate.grad_batch_bytes == 2 * grads.HOOK_CHECK_ROWS * inf.selection.num_params * 8  # hooks' and vmap's, compared
+    reference = hfi.Influence(model, batch_size=4, progress=False)
+    reference.train_loss.hooks_ok = False
+    torch.testing.assert_close(ours, reference.self_influence(train, method="tracin"), rtol=1e-9, atol=0)
+
+
 def test_half_precision_keeps_vmap_unless_asked():
     model, selection, loss_fn, batch = _setup(*CASES["bert-last-layer"])
     model.to(torch.bfloat16)
