@@ -23,7 +23,8 @@ from ..outputs import ROW_INDEX
 
 # settings that change no training run: influence settings, and what happens after training
 _NOT_TRAINING = ("filter_fraction", "filter_methods", "retrain_seeds", "last_n_layers", "params", "damping", "ranks", "iterations",
-                 "hessian_examples", "influence_batch_size", "shard_size", "baselines", "lissa_subset", "output_dir", "card_dir", "run_name")
+                 "hessian_examples", "influence_batch_size", "memory_budget_gb", "shard_size", "baselines", "lissa_subset", "output_dir",
+                 "card_dir", "run_name")
 
 
 def say(message: str) -> None:

@@ -160,3 +160,19 @@ def test_the_loss_ranking_is_in_row_order_when_training_groups_rows_by_length(tm
         alone = torch.stack([torch.nn.functional.cross_entropy(model(**{k: torch.tensor([data[i][k]]) for k in ("input_ids", "attention_mask",
                              "token_type_ids")}).logits, torch.tensor([data[i]["labels"]])) for i in range(40)])
     torch.testing.assert_close(recipe.loss(trainer, data), alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_saved_run_is_reused_whatever_the_influence_settings():
+    """A training result is keyed by the training settings only: changing an influence setting (the memory budget, the
+    damping, the ranks) or the number of seeds reuses it; changing the learning rate trains again."""
+    import dataclasses
+
+    from datasets import Dataset
+
+    from hf_influence.recipes.retraining import ROW_INDEX, training_request
+
+    data = Dataset.from_dict({ROW_INDEX: [0, 1, 2], "labels": [0, 1, 2]})
+    base = RecipeArguments(task="nli", dataset="sick")
+    same = dataclasses.replace(base, memory_budget_gb=16.0, damping=0.1, ranks=[5], retrain_seeds=5)
+    assert training_request(same, data, 0) == training_request(base, data, 0)
+    assert training_request(dataclasses.replace(base, learning_rate=base.learning_rate / 2), data, 0) != training_request(base, data, 0)
