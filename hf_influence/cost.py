@@ -51,9 +51,10 @@ class _Cost:
         self.parts.append(MemoryPart(what, kind, int(rows * self.P * self.d), way_out))
 
     def hessian(self, data: Any, batch_size: int | None = None) -> None:
-        """The Hessian rows and batches every pass runs over: the facade's own batches (collated, nothing run)."""
+        """The Hessian rows and batches every pass runs over: the facade's own batches (collated on the CPU, nothing run
+        or moved to the device)."""
         try:
-            batches = self.owner._materialize(data, *([batch_size] if batch_size else []))
+            batches = self.owner._hessian_batches(data, batch_size)
         except (HfInfluenceError, TypeError, ValueError, KeyError, IndexError):  # the method's data check says what is wrong
             return
         self.fields.update(hessian_rows=sum(batch_size_of(b) for b in batches), hessian_batches=len(batches))

@@ -127,17 +127,20 @@ class ModelWiring:
     def _loader(self, data: Any) -> DataLoader:
         return make_loader(data, self.batch_size, self._pad_id())
 
-    def _materialize(self, data: Any, batch_size: int | None = None) -> list:
-        """All batches of the Hessian rows of ``data`` (see :meth:`hessian_rows`) on the model's device (reused many times),
-        grouped by length and cut to each batch's longest row: ``batch_size`` rows each when given (else
-        ``hessian_batch_size``); with neither, as many rows as hold ``batch_size × the longest row`` tokens, the most a
-        batch of ``batch_size`` rows can hold, so memory stays within what ``batch_size`` allows and short rows share calls."""
+    def _hessian_batches(self, data: Any, batch_size: int | None = None) -> list:
+        """All batches of the Hessian rows of ``data`` (see :meth:`hessian_rows`), collated on the CPU, grouped by length
+        and cut to each batch's longest row: ``batch_size`` rows each when given (else ``hessian_batch_size``); with
+        neither, as many rows as hold ``batch_size × the longest row`` tokens, the most a batch of ``batch_size`` rows can
+        hold, so memory stays within what ``batch_size`` allows and short rows share calls."""
         rows, size = self.hessian_rows(data), batch_size or self.config.hessian_batch_size
-        sized = length_sorted_batches(rows, size or len(dataset_of(rows)), self._pad_id(), None if size else self.batch_size)
-        batches = [to_device(b, self._device()) for b in sized]
+        batches = length_sorted_batches(rows, size or len(dataset_of(rows)), self._pad_id(), None if size else self.batch_size)
         if not batches:
             raise InvalidInputError("The Hessian data is empty: pass at least one training example.")
         return batches
+
+    def _materialize(self, data: Any, batch_size: int | None = None) -> list:
+        """:meth:`_hessian_batches` on the model's device (reused by every pass)."""
+        return [to_device(b, self._device()) for b in self._hessian_batches(data, batch_size)]
 
     def _grad_fn(self, loss_fn: LossFunction) -> FeatureFn:
         params = self._params()
