@@ -46,35 +46,43 @@ class PrefixModule(NamedTuple):
 
 
 def prefix_modules(loss_fn: LossFunction, params: Params, batch: Batch) -> list[PrefixModule]:
-    """The largest modules whose every call ends before the first call of a module owning a selected
+    """The largest modules whose every call ends before the first call of a module using a selected
     parameter (found by one hooked forward of ``batch``); empty when the selection is used first.
 
-    A second forward finds which of their outputs are *read later*: used by any torch operation
+    A module uses the parameters it owns, and those of descendants never called themselves (a PEFT
+    ``lora.Embedding`` reads its ``lora_embedding_A`` ``ParameterDict``, which is never called). A second
+    forward finds which of the prefix modules' outputs are *read later*: used by any torch operation
     that runs outside the prefix modules (the embeddings feed only layer 0: not read later; the
     layer below the selection is)."""
     model = loss_fn.module.model
-    selected = {id(model.get_parameter(name)) for name in loss_fn.selection.names}
-    owners = {m for m in model.modules() if any(id(p) in selected for p in m._parameters.values() if p is not None)}
-    clock, spans, first_owner_call = itertools.count(), {}, [float("inf")]
+    clock, spans = itertools.count(), {}
 
     def before(module: nn.Module, args: Any) -> None:
         tick = next(clock)
         spans.setdefault(module, [tick, tick])
-        if module in owners:
-            first_owner_call[0] = min(first_owner_call[0], tick)
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         spans[module][1] = next(clock)
 
     with _hooked(model.modules(), before, after), torch.no_grad():
         loss_fn(params, batch)
-    if first_owner_call[0] == float("inf"):  # the loss never reached the selection: nothing to gain
+    first_use = min((_first_call(model, name, spans) for name in loss_fn.selection.names), default=float("inf"))
+    if first_use == float("inf"):  # the loss never reached the selection: nothing to gain
         return []
-    prefix = {m for m, (_, end) in spans.items() if end < first_owner_call[0]}
+    prefix = {m for m, (_, end) in spans.items() if end < first_use}
     names = {m: name for name, m in model.named_modules() if m in prefix}
     largest = [m for m, name in names.items() if not any(name.startswith(f"{other}.") for other in names.values())]
     read = _read_later(loss_fn, params, batch, largest)
     return [PrefixModule(m, index in read) for index, m in enumerate(largest)]
+
+
+def _first_call(model: nn.Module, parameter: str, spans: dict) -> float:
+    """When the forward first called the innermost called module holding ``parameter`` (``inf``: none was)."""
+    path = parameter.rpartition(".")[0]
+    while path and model.get_submodule(path) not in spans:
+        path = path.rpartition(".")[0]
+    module = model.get_submodule(path) if path else model
+    return spans[module][0] if module in spans else float("inf")
 
 
 # what a shape-only stand-in answers like the real tensor: reading these is not reading the data
@@ -88,18 +96,23 @@ def _name(func: Callable) -> str:
 
 
 class _ReadTracker(TorchFunctionMode):
-    """Notes which prefix modules' output tensors a torch operation outside every prefix module uses."""
+    """Notes which prefix modules' output tensors a torch operation outside every prefix module uses.
+
+    One tensor can be the output of several prefix modules: a module that returns its input (``nn.Identity``, an
+    eval-mode ``nn.Dropout``, e.g. the ``lora_dropout`` of a PEFT LoRA layer) passes on the tensor of the module
+    before it. A read marks every module that produced it, so neither is replayed as a stand-in."""
 
     def __init__(self):
         super().__init__()
-        self.produced: dict[int, int] = {}  # id of an output tensor -> index of the prefix module
+        self.produced: dict[int, set[int]] = {}  # id of an output tensor -> indices of the prefix modules returning it
         self.alive: list[Any] = []  # the outputs, so their ids stay unique for the whole forward
         self.depth, self.read = 0, set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.depth == 0 and _name(func) not in _METADATA:
-            self.read.update(self.produced[id(t)] for t in _tensors((args, kwargs)) if id(t) in self.produced)
+            for t in _tensors((args, kwargs)):
+                self.read.update(self.produced.get(id(t), ()))
         return func(*args, **kwargs)
 
 
@@ -111,7 +124,8 @@ def _read_later(loss_fn: LossFunction, params: Params, batch: Batch, modules: li
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         tracker.depth -= 1
-        tracker.produced.update((id(t), index_of[module]) for t in _tensors(output))
+        for t in _tensors(output):
+            tracker.produced.setdefault(id(t), set()).add(index_of[module])
         tracker.alive.append(output)
 
     with _hooked(modules, before, after), torch.no_grad(), tracker:
@@ -155,7 +169,9 @@ def _stand_in(value: Any) -> Any:
 
 
 def _nbytes(value: Any) -> int:
-    return sum(t.untyped_storage().nbytes() for t in _tensors(value))  # a stand-in holds one element
+    """Bytes of the distinct storages in ``value`` (a stand-in holds one element; a passed-on tensor counts once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(value)}
+    return sum(storages.values())
 
 
 class PrefixReplay:
@@ -185,9 +201,16 @@ class PrefixReplay:
         self._active: list[list[Any]] | None = None  # outputs of the batch being replayed
         if self.modules:
             self.outputs = self._recorded(self.batches, memory_budget)
-        if self.outputs and not self._agrees(probe):
-            logger.warning("Replaying the frozen layers' outputs did not reproduce a Hessian-vector product; every HVP pass runs the whole model.")
+        elif batches:
+            logger.info("No frozen prefix to replay: a selected parameter is used by the model's first module (e.g. the "
+                        "embeddings or a LoRA adapter on them); every HVP pass runs the whole model.")
+        problem = self._disagreement(probe) if self.outputs else None
+        if problem:
+            logger.warning(f"Replaying the frozen layers' outputs {problem}; every HVP pass runs the whole model.")
             self.outputs = []
+        if self.outputs:
+            logger.info(f"Replaying the frozen prefix ({self._describe()}) in every HVP pass: "
+                        f"{sum(_nbytes(o) for o in self.outputs) / 2**20:.1f} MiB kept over {len(self.outputs)} batches.")
 
     @property
     def active(self) -> bool:
@@ -217,7 +240,8 @@ class PrefixReplay:
                 self.loss_fn(self.params, batch)
                 total += _nbytes(kept[-1])
                 if total > memory_budget:
-                    logger.info(f"Frozen-layer outputs exceed the memory budget ({memory_budget / 2**30:.1f} GiB); not replayed.")
+                    logger.info(f"Frozen-layer outputs exceed the memory budget ({memory_budget / 2**30:.1f} GiB): not replayed, every "
+                                "HVP pass runs the whole model (raise memory_budget_gb to replay them).")
                     return []
         return kept
 
@@ -258,8 +282,14 @@ class PrefixReplay:
                 else:
                     module.forward = original
 
-    def _agrees(self, probe: Batch) -> bool:
-        """HVP of ``probe`` (a few rows) with and without replaying its recorded prefix outputs (twice) agree to float32 round-off."""
+    def _describe(self) -> str:
+        names = {m: name for name, m in self.loss_fn.module.model.named_modules()}
+        kept = sum(self.read_later)
+        return f"{len(self.modules)} modules, {names[self.modules[0]]} to {names[self.modules[-1]]}, {kept} with outputs kept"
+
+    def _disagreement(self, probe: Batch) -> str | None:
+        """Why the HVP of ``probe`` (a few rows) replaying its recorded prefix outputs (twice) differs from the HVP
+        without replay beyond float32 round-off; ``None`` when they agree."""
         num = self.loss_fn.selection.num_params
         vector = torch.randn(num, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         vector = vector.to(next(iter(self.params.values())).device)
@@ -271,7 +301,8 @@ class PrefixReplay:
             try:
                 with self._replaying():
                     replays.append(batch_hvp(self.loss_fn, self.params, probe, vector))
-            except RuntimeError:  # e.g. torch.func refusing an in-place change of a kept output
-                return False
+            except RuntimeError as err:  # e.g. torch.func refusing an in-place change of a kept output
+                return f"raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         scale = reference.norm().clamp_min(1e-30)
-        return all(((r - reference).norm() / scale).item() < 1e-4 for r in replays)
+        error = max(((r - reference).norm() / scale).item() for r in replays)
+        return None if error < 1e-4 else f"changed a Hessian-vector product (relative difference {error:.1e} on the check rows)"
