@@ -1,11 +1,12 @@
 """What a call will cost, before it runs, and the refusal of what cannot fit ``memory_budget_gb``.
 
 ``Influence.estimate_cost(action, *args, **kwargs)`` takes a public method's name and arguments and returns a
-`CostEstimate` without running anything; every such method logs its own estimate at INFO and raises
+`CostEstimate` without running anything (but one forward and backward of the largest Hessian batch for random projection
+with a Kronecker map, whose batched HVPs hold that batch's activations per map row: see ``engine/hvp_memory.py``); every such method logs its own estimate at INFO and raises
 `MemoryBudgetError` before any work when what it must hold at once exceeds the budget (`cost_estimate.costed`; a call
 inside another was counted by the outer one). Sizes count the large tensors hf_influence holds, in the accumulation
 dtype: bases, Krylov vectors, per-example gradients, the explicit Hessian, LiSSA iterates, scores; not the model, its
-activations or the data. Each rule behind a figure lives with the code that applies it and is called from here: block
+activations (but the Kronecker subspace Hessian's, above) or the data. Each rule behind a figure lives with the code that applies it and is called from here: block
 widths (``ihvp/block.py``), pass buffers (``hvp.py``), the Fisher SVD (``ihvp/fisher.py``), the projection path and
 chunks (``projection.py``), Kronecker map rows (``kronecker.py``), LiSSA presets, Krylov steps (``config.py``).
 """
@@ -26,7 +27,7 @@ from .engine.hvp import EXPLICIT_CHUNK, pass_bytes
 from .engine.ihvp.block import block_steps, candidate_widths, timing_widths
 from .engine.ihvp.fisher import held_bytes
 from .engine.ihvp.lissa import LissaConfig
-from .engine.kronecker import subspace_rows_per_pass
+from .engine.kronecker import subspace_pass_bytes, subspace_rows_per_pass
 from .engine.projection import choose_projection, grads_chunk_size
 from .engine.spectrum import check_spectrum_request, hutchpp_blocks
 
@@ -45,6 +46,7 @@ class _Cost:
         self.fields: dict[str, Any] = {"passes": 0, "products": 0, "batch_hvps": 0, "lissa_hvps": 0}
         self.notes: list[str] = []
         self.largest = self.B  # rows in the largest Hessian batch
+        self.batches: list = []  # the Hessian batches, collated on the CPU
 
     def hold(self, what: str, kind: str, rows: float, way_out: str) -> None:
         """``rows`` vectors of P values held at once."""
@@ -59,6 +61,7 @@ class _Cost:
             return
         self.fields.update(hessian_rows=sum(batch_size_of(b) for b in batches), hessian_batches=len(batches))
         self.largest = max(batch_size_of(b) for b in batches)
+        self.batches = batches
 
     def passes(self, passes: int, products: int) -> None:
         self.fields["passes"] += passes
@@ -150,6 +153,23 @@ class _Cost:
                 self.hold(f"the directions' transposed copy [{rank}, P] (hooks)", "working", rank, "")
                 self.spare += rank * self.P * self.d
 
+    def kronecker_subspace(self, rank: int) -> None:
+        """The Kronecker map's subspace Hessian: map rows materialised a block at a time, each block one pass of batched
+        HVPs whose graph (measured on the largest Hessian batch) is held once and again per row (``kronecker.py``)."""
+        activations = self.owner._hvp_activation_bytes(self.batches) if self.batches else 0
+        step = subspace_rows_per_pass(rank, self.P, self.d, self.budget, activations)
+        one, two = (subspace_pass_bytes(rows, self.P, self.d, activations) for rows in (1, 2))
+        self.passes(math.ceil(rank / step), rank)
+        self.parts.append(MemoryPart(f"batched HVP graph (activations {activations / 2**20:.2f} MiB saved on the largest Hessian batch, "
+                                     "measured) and first-order gradients", "working", 2 * one - two,
+                                     "a smaller hessian_batch_size or batch_size (fewer tokens per Hessian batch)"))
+        self.parts.append(MemoryPart(f"{step} Kronecker map rows per pass: their batched backward and [P, {step}] buffers", "working",
+                                     step * (two - one), "a lower rank"))
+        self.spare += (step - 1) * (two - one)  # the pass takes fewer rows at a time within a smaller budget
+        self.fields["grads"] = "none formed: Kronecker maps applied to hooked gradient pieces"
+        self.notes.append("the Kronecker subspace Hessian's activations were measured by one forward and backward of the largest "
+                          "Hessian batch")
+
     def method_parts(self, method: Method, train: Any, hessian_data: Any, basis: Any, lissa: Any, rank: int,
                      columns: int | None, solves: int | None, norms: bool = False) -> None:
         """The cost of ``Influence._method_parts`` (the preconditioner and the training side's features)."""
@@ -163,11 +183,8 @@ class _Cost:
         elif method is Method.RANDPROJ:
             self.hessian(hessian_data)
             self.fields["rank"] = rank
-            if self.owner.config.random_projection == RandomProjection.KRONECKER:  # map rows materialised a block at a time
-                step = subspace_rows_per_pass(rank, self.P, self.d, self.budget)
-                self.passes(math.ceil(rank / step), rank)
-                self.hold(f"Kronecker map rows [4 × {step}, P] per pass", "working", 4 * step, "a lower rank")
-                self.fields["grads"] = "none formed: Kronecker maps applied to hooked gradient pieces"
+            if self.owner.config.random_projection == RandomProjection.KRONECKER:
+                self.kronecker_subspace(rank)
                 return
             self.basis(rank, "random subspace")
             self.passes(1, rank)

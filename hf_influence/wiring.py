@@ -18,6 +18,7 @@ from .data import batch_size_of, dataset_of, length_sorted_batches, make_loader,
 from .engine.grads import HOOK_CHECK_ROWS, LossFunction, accumulation_dtype, eval_mode, per_example_grads
 from .engine.hooks import hook_plan
 from .engine.hvp import dataset_hvp
+from .engine.hvp_memory import largest_batch, saved_activation_bytes
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.kronecker import KroneckerMap, project_kronecker, subspace_hessian
 from .engine.norms import hook_squared_norms
@@ -191,13 +192,22 @@ class ModelWiring:
             return KroneckerMap.draw(self.selection.names, self.selection.shapes, rank, generator, dtype).to(self._device())
         return random_subspace(self.selection.num_params, rank, generator, dtype).to(self._device())
 
+    def _hvp_activation_bytes(self, batches: list) -> int:
+        """What the graph of a batched HVP saves on the largest of ``batches`` (one forward and backward of it, in eval mode;
+        `hf_influence.engine.hvp_memory`): the figure that sizes the Kronecker subspace passes and their estimate."""
+        with eval_mode(self.model):
+            return saved_activation_bytes(self.train_loss, self._params(), to_device(largest_batch(batches), self._device()))
+
     def _subspace_hessian(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> torch.Tensor:
         """``QᵀHQ`` ``[p̄, p̄]`` over the Hessian rows (a Kronecker map's rows materialised in blocks within the budget)."""
         params, batches = self._params(), self._materialize(hessian_data)
+        hvp = lambda v: dataset_hvp(self.train_loss, params, batches, v)  # noqa: E731
+        if isinstance(directions, KroneckerMap):
+            activations = self._hvp_activation_bytes(batches)
+            with eval_mode(self.model):
+                return subspace_hessian(directions, hvp, self.memory_budget, activations)
         with eval_mode(self.model):
-            if isinstance(directions, KroneckerMap):
-                return subspace_hessian(directions, lambda v: dataset_hvp(self.train_loss, params, batches, v), self.memory_budget)
-            return directions @ dataset_hvp(self.train_loss, params, batches, directions.T)  # [p̄, P] @ [P, p̄]
+            return directions @ hvp(directions.T)  # [p̄, P] @ [P, p̄]
 
     def _subspace_inverse(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> SubspaceInverse:
         return SubspaceInverse(self._subspace_hessian(hessian_data, directions), self.damping)

@@ -14,6 +14,7 @@ import hf_influence as hfi
 from hf_influence import cost
 from hf_influence._utils.errors import InvalidInputError, MemoryBudgetError
 from hf_influence.engine import hvp as hvp_module
+from hf_influence.engine import kronecker
 from hf_influence.engine import prefix as prefix_module
 from hf_influence.engine.ihvp import block as block_module
 
@@ -149,9 +150,12 @@ def test_spectrum_and_random_projection_passes_equal_the_estimate(model, data, c
     estimate = inf.estimate_cost("spectrum", data, iterations=5, trace_matvecs=6)
     inf.spectrum(data, iterations=5, trace_matvecs=6)
     assert counted["passes"] == estimate.passes == 5 + 3  # Lanczos, then Hutch++'s three blocks
-    for kind, budget in (("dense", 2.0), ("kronecker", 1e-5)):  # the Kronecker map's rows two at a time within 10 KiB
+    selection = {"params": [r"classifier", r"pooler"]}
+    probe = hfi.Influence(model, **selection, progress=False)
+    pass_of_two = kronecker.subspace_pass_bytes(2, probe.selection.num_params, 4, probe._hvp_activation_bytes(probe._hessian_batches(data)))
+    for kind, budget in (("dense", 2.0), ("kronecker", pass_of_two / 2**30)):  # the Kronecker map's rows two at a time
         counted["passes"] = 0
-        inf = hfi.Influence(model, params=[r"classifier", r"pooler"], random_projection=kind, memory_budget_gb=budget, progress=False)
+        inf = hfi.Influence(model, **selection, random_projection=kind, memory_budget_gb=budget, progress=False)
         estimate = inf.estimate_cost("self_influence", data, method="randproj", rank=6)
         inf.self_influence(data, method="randproj", rank=6)
         assert counted["passes"] == estimate.passes == (1 if kind == "dense" else 3), kind
