@@ -1,11 +1,18 @@
-"""bfloat16 / float16 models against float32 on the same weights: self-influence rank agreement and Arnoldi eigenvalues.
+"""bfloat16 / float16 models against float32 on the same weights: self-influence rank agreement and Arnoldi eigenvalues,
+with per-example gradients by module hooks (the default) and by vmap side by side; and the speed of the two paths.
 
-A tiny BERT is trained in float32 on a synthetic 3-way task, rounded to bfloat16, and scored twice: as the
-bfloat16 model, and as that model cast back to float32 (the same weights, so only the arithmetic differs).
-Printed per parameter selection: Spearman of Arnoldi self-influence, the largest relative error of the top
-eigenvalues, and (float16) TracIn self-influence, whose first-order pass float16 can afford on CPU.
+A tiny BERT is trained in float32 on a synthetic 3-way task, rounded to bfloat16, and scored three times: as the
+low-precision model with hooks, the same with vmap, and as that model cast back to float32 (the same weights, so only
+the arithmetic differs). Printed per parameter selection: Spearman of Arnoldi self-influence and its mean relative
+error (hooks / vmap; the low-precision basis is fitted once), the largest relative error of the top eigenvalues,
+and TracIn Spearman (hooks / vmap).
 
-    .venv/bin/python benchmarks/precision.py [--examples 64] [--steps 300] [--rank 10] [--iterations 30]
+``--speed``: the pretrained all-MiniLM-L6-v2 (22.7M parameters, all selected) in bfloat16 on SICK rows, self-influence
+by hooks and by vmap in alternating rounds (Arnoldi with a random rank-10 orthonormal stand-in basis, which costs what a
+fitted one does; TracIn), medians, and the ratio.
+
+    .venv/bin/python benchmarks/precision.py [--examples 48] [--steps 150] [--rank 8] [--iterations 20] [--damping 0.05]
+    .venv/bin/python benchmarks/precision.py --speed [--rows 16] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -13,7 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,7 +70,8 @@ def trained_bert(train, steps: int, seed: int = 0) -> BertForSequenceClassificat
 
 
 def compare(model: torch.nn.Module, dtype: torch.dtype, train, rank: int, iterations: int, damping: float, **selection) -> dict:
-    """Self-influence and eigenvalues of ``model`` in ``dtype`` vs the same (rounded) weights in float32."""
+    """Self-influence and eigenvalues of ``model`` in ``dtype`` (hooks, then vmap, on one basis) vs the same (rounded)
+    weights in float32."""
     low = copy.deepcopy(model).to(dtype)
     high = copy.deepcopy(low).float()
     results = {}
@@ -69,14 +80,49 @@ def compare(model: torch.nn.Module, dtype: torch.dtype, train, rank: int, iterat
         start = time.perf_counter()
         basis = inf.fit_arnoldi(train, rank=rank, iterations=iterations)
         results[label] = (inf.self_influence(train, basis=basis), basis.eigenvalues, time.perf_counter() - start,
-                          inf.self_influence(train, method="tracin"))
-    (s_low, e_low, t_low, tr_low), (s_32, e_32, t_32, tr_32) = results["low"], results["fp32"]
+                          inf.self_influence(train, method="tracin"), inf.train_loss.hooks_ok)
+        if label == "low":  # the same basis, per-example gradients by vmap
+            vmapped = hfi.Influence(candidate, damping=damping, batch_size=16, progress=False, **selection)
+            vmapped.train_loss.hooks_ok = vmapped.test_loss.hooks_ok = False
+            results["vmap"] = (vmapped.self_influence(train, basis=basis), vmapped.self_influence(train, method="tracin"))
+    (s_low, e_low, t_low, tr_low, hooked), (s_32, e_32, t_32, tr_32, _), (s_vmap, tr_vmap) = results["low"], results["fp32"], results["vmap"]
+    rho = lambda a, b: float(spearmanr(a.numpy(), b.numpy()).statistic)  # noqa: E731
+    error = lambda a: float((a / s_32 - 1).abs().mean())  # noqa: E731
     return {
-        "spearman": float(spearmanr(s_low.numpy(), s_32.numpy()).statistic),
+        "hooked": bool(hooked),
+        "spearman": (rho(s_low, s_32), rho(s_vmap, s_32)),
+        "score_error": (error(s_low), error(s_vmap)),
         "eigenvalue_error": float(((e_low - e_32).abs() / e_32.abs()).max()),
-        "tracin_spearman": float(spearmanr(tr_low.numpy(), tr_32.numpy()).statistic),
+        "tracin_spearman": (rho(tr_low, tr_32), rho(tr_vmap, tr_32)),
         "seconds": (t_low, t_32),
     }
+
+
+def speed(rows: int, rounds: int, data_dir: Path) -> None:
+    """Self-influence examples/s by hooks and by vmap on the pretrained MiniLM in bfloat16, all parameters, alternating."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import build, stand_in_basis  # the scale table's model, rows and stand-in basis
+
+    model, selection, data = build("minilm-all-bf16", rows, data_dir)
+    infs = {path: hfi.Influence(model, batch_size=8, progress=False, memory_budget_gb=8, **selection) for path in ("hooks", "vmap")}
+    infs["vmap"].train_loss.hooks_ok = infs["vmap"].test_loss.hooks_ok = False
+    basis = stand_in_basis(infs["hooks"], 10)
+    warm = data.select(range(8))
+    for inf in infs.values():  # the hooks' first-batch check, and warm-up
+        inf.self_influence(warm, method="tracin"), inf.self_influence(warm, basis=basis)
+    assert infs["hooks"].train_loss.hooks_ok, "module hooks were not used for the bfloat16 model"
+    seconds = {(path, method): [] for path in infs for method in ("arnoldi", "tracin")}
+    for _ in range(rounds):
+        for (path, method), times in seconds.items():
+            start = time.perf_counter()
+            infs[path].self_influence(data, method=method, basis=basis if method == "arnoldi" else None)
+            times.append(time.perf_counter() - start)
+    print(f"\nall-MiniLM-L6-v2 in bfloat16, all {infs['hooks'].selection.num_params:,} parameters, {rows} SICK rows, batch 8, "
+          f"{rounds} alternating rounds (medians); load average {os.getloadavg()[0]:.1f}")
+    print("method    hooks ex/s  vmap ex/s  hooks / vmap")
+    for method in ("arnoldi", "tracin"):
+        hooks, vmap = (rows / statistics.median(seconds[(path, method)]) for path in ("hooks", "vmap"))
+        print(f"{method:9} {hooks:10.2f} {vmap:10.2f} {hooks / vmap:12.2f}x")
 
 
 def main() -> None:
@@ -86,20 +132,30 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--damping", type=float, default=0.01)
+    parser.add_argument("--speed", action="store_true", help="only the hooks-vs-vmap speed on the pretrained MiniLM in bfloat16")
+    parser.add_argument("--rows", type=int, default=16, help="--speed: SICK rows scored per round")
+    parser.add_argument("--rounds", type=int, default=3, help="--speed: alternating rounds")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"), help="--speed: folder holding sick/")
     args = parser.parse_args()
+    if args.speed:
+        speed(args.rows, args.rounds, Path(args.data_dir))
+        return
     train = synthetic_task(args.examples, seed=0)
     model = trained_bert(train, args.steps)
     print(f"tiny BERT trained {args.steps} steps on {args.examples} examples; rank {args.rank}, {args.iterations} Arnoldi "
-          f"iterations, damping {args.damping}; threads {torch.get_num_threads()}")
-    print("dtype     selection      Spearman(Arnoldi self-inf)  max rel. eigenvalue error (top %d)  Spearman(TracIn)  fit+score s (low / fp32)" % args.rank)
+          f"iterations, damping {args.damping}; threads {torch.get_num_threads()}; per-example gradients hooks / vmap")
+    print(f"dtype     selection   path   Spearman(Arnoldi self-inf)  mean rel. score error  max rel. eigenvalue error (top {args.rank})  "
+          "Spearman(TracIn)  fit+score s (low / fp32)")
     for dtype in (torch.bfloat16, torch.float16):
         for name, selection in (("all", {}), ("last layer", {"last_n_layers": 1})):
             try:
                 r = compare(model, dtype, train, args.rank, args.iterations, args.damping, **selection)
-                print(f"{str(dtype)[6:]:9} {name:14} {r['spearman']:26.3f}  {r['eigenvalue_error']:34.4f}  {r['tracin_spearman']:16.3f}  "
+                pair = lambda key, f: " / ".join(format(v, f) for v in r[key])  # noqa: E731
+                print(f"{str(dtype)[6:]:9} {name:11} {'hooks' if r['hooked'] else 'vmap':6} {pair('spearman', '.3f'):>26}  "
+                      f"{pair('score_error', '.2%'):>21}  {r['eigenvalue_error']:38.4f}  {pair('tracin_spearman', '.3f'):>16}  "
                       f"{r['seconds'][0]:.1f} / {r['seconds'][1]:.1f}")
             except HfInfluenceError as err:
-                print(f"{str(dtype)[6:]:9} {name:14} refused: {type(err).__name__}: {str(err)[:160]}")
+                print(f"{str(dtype)[6:]:9} {name:11} refused: {type(err).__name__}: {str(err)[:160]}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ parameter shared with a module of another type, gets no plan (:func:`hook_plan` 
 module called on inputs whose leading dimension is not the batch raises :class:`UnsupportedForHooks`; in both
 cases :func:`~hf_influence.engine.grads.per_example_grad_tensors` uses vmap for the whole selection. Masked
 tokens need no care here: their loss terms are zero, so their output gradients are zero.
+
+Precision (``engine/grads.accumulation_dtype``): activations and output gradients are captured in the model's dtype and
+cast to fp32 (fp64 for fp64 models) before any product or sum over tokens, here, in ``norms.py`` and ``kronecker.py``;
+so half-precision gradients are closer to float32's than vmap's, whose products and sums stay in the model's dtype.
 """
 
 from __future__ import annotations
