@@ -296,7 +296,8 @@ def subspace_hessian(kmap: KroneckerMap, hvp: Callable[[torch.Tensor], torch.Ten
     step = subspace_rows_per_pass(rank, num, kmap.dtype.itemsize, memory_budget_bytes, activation_bytes)
     logger.info(f"Random projection (Kronecker map): the subspace Hessian takes {math.ceil(rank / step)} Hessian-vector pass(es) of "
                 f"{step} of the {rank} map rows (vectors per batched backward, chosen from memory_budget_gb="
-                f"{memory_budget_bytes / 2**30:g}): {subspace_pass_bytes(step, num, kmap.dtype.itemsize, activation_bytes) / 2**30:.2f} "
-                f"GiB per pass, of which the graph of the largest Hessian batch {activation_bytes / 2**30:.2f} GiB once and again per row.")
+                f"{memory_budget_bytes / 2**30:g}): {subspace_pass_bytes(step, num, kmap.dtype.itemsize, activation_bytes) / 2**20:,.1f} "
+                f"MiB per pass, counting the activations saved on the largest Hessian batch ({activation_bytes / 2**20:,.1f} MiB) "
+                "once and again per row.")
     rows = [(kmap @ hvp(kmap.dense_rows(start, min(start + step, rank)).T)).T for start in range(0, rank, step)]
     return torch.cat(rows)  # rows of ΦHΦᵀ
