@@ -30,8 +30,10 @@ seeded training pairs, the same pairs for every library.
 
 Parts (each timed in this process, libraries alternating within each round, medians reported):
 
-1. ``arnoldi``: ours (``--algorithms``: Arnoldi and block Krylov) vs captum ``ArnoldiInfluenceFunction`` vs
-   dattri ``IFAttributorArnoldi`` (``--peers``), the same rank p̄ and number of HVP iterations: fit + self-influence
+1. ``arnoldi``: ours (``--algorithms``: Arnoldi and block Krylov; at each ``--tols``: 0 runs every iteration as the
+   peers do, > 0 stops once the kept Ritz pairs converge; ``--keeps``: the pairs of largest |λ| on both sets, and of
+   largest λ, as the peers keep, on the head at the last tol) vs captum ``ArnoldiInfluenceFunction`` vs dattri
+   ``IFAttributorArnoldi`` (``--peers``), the same rank p̄ and number (cap) of HVP iterations: fit + self-influence
    of ``--num-train`` pairs. Time, peak memory (rise of the resident set over its level at the start of the run: ``VmHWM`` reset via
    ``/proc/self/clear_refs``), Spearman with exact self-influence (head) and with each other.
 2. ``lissa``: s_test of ``--num-test`` test pairs on the head, Pearson with the exact s_test: ours
@@ -96,6 +98,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--algorithms", nargs="+", default=["arnoldi", "block"], choices=["arnoldi", "block"],
                         help="our eigenbasis solvers timed in the Arnoldi part (fit_arnoldi's algorithm)")
+    parser.add_argument("--tols", nargs="+", type=float, default=[0.0, 1e-2, 1e-3],
+                        help="our fits' convergence tolerances (BasisConfig.tol; 0: all --iterations, as the peers); the last (default "
+                             "1e-3, the library's default) is also that of the keep=largest rows and of the noise part")
+    parser.add_argument("--keeps", nargs="+", default=["magnitude", "largest"], choices=["magnitude", "largest"],
+                        help="eigenpairs our fits keep (BasisConfig.keep): 'magnitude' rows at every tol on both parameter sets, "
+                             "'largest' rows at the last tol on the head")
     parser.add_argument("--peers", nargs="+", default=["captum", "dattri"], choices=["captum", "dattri"],
                         help="peer libraries timed in the Arnoldi part")
     parser.add_argument("--seed", type=int, default=0)
@@ -145,10 +153,12 @@ def choose_damping(head: Problem, hessian: Dataset, margin: float) -> tuple[floa
     return damping, hessian_matrix
 
 
-def truncated_self_influence(exact_problem: Problem, train: Dataset, hessian_matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """Self-influence from the exact top-``rank`` eigenpairs by |λ|: the best any rank-p̄ eigenbasis can do."""
+def truncated_self_influence(exact_problem: Problem, train: Dataset, hessian_matrix: torch.Tensor, rank: int,
+                             keep: str = "magnitude") -> torch.Tensor:
+    """Self-influence from the exact top-``rank`` eigenpairs by |λ| (or by λ: ``keep="largest"``): the best any rank-p̄
+    eigenbasis keeping those can do."""
     eigenvalues, eigenvectors = torch.linalg.eigh(hessian_matrix)
-    top = eigenvalues.abs().argsort(descending=True)[:rank]
+    top = (eigenvalues.abs() if keep == "magnitude" else eigenvalues).argsort(descending=True)[:rank]
     g_train = exact_problem.influence().gradients(train)  # [N, P]
     return ((g_train @ eigenvectors[:, top]) ** 2 / (eigenvalues[top] + exact_problem.damping)).sum(1)
 
@@ -184,11 +194,22 @@ def timed(function, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- part 1: Arnoldi
-def arnoldi_runners(problem: Problem, train: Dataset, hessian: Dataset, args: argparse.Namespace) -> dict:
-    def ours(algorithm: str):
+def our_settings(head: bool, args: argparse.Namespace) -> list[tuple[str, float, str]]:
+    """``(algorithm, tol, keep)`` of our rows: every algorithm at every tol keeping |λ|, and on the head at the last tol
+    keeping λ."""
+    rows = [(a, tol, "magnitude") for a in args.algorithms for tol in args.tols] if "magnitude" in args.keeps else []
+    return rows + ([(a, args.tols[-1], "largest") for a in args.algorithms] if head and "largest" in args.keeps else [])
+
+
+def arnoldi_runners(problem: Problem, train: Dataset, hessian: Dataset, args: argparse.Namespace, head: bool) -> dict:
+    products = {}  # our row -> products the fit ran (the basis's iterations)
+
+    def ours(algorithm: str, tol: float, keep: str, name: str):
         def run():
             inf = problem.influence(seed=args.seed)
-            basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations, algorithm=algorithm)
+            basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations, algorithm=algorithm, tol=tol,
+                               keep=keep)
+            products[name] = basis.iterations
             return inf.self_influence(train, method="arnoldi", basis=basis), fit
         return run
 
@@ -200,24 +221,27 @@ def arnoldi_runners(problem: Problem, train: Dataset, hessian: Dataset, args: ar
         attributor, fit = timed(adapters.dattri_arnoldi, problem, hessian, args.rank, args.iterations, args.seed)
         return adapters.dattri_self_influence(attributor, train, problem.batch_size), fit
 
-    runners = {f"ours ({algorithm})": ours(algorithm) for algorithm in args.algorithms}
-    return {**runners, **{name: run for name, run in (("captum", captum), ("dattri", dattri)) if name in args.peers}}
+    names = {f"ours ({a}, tol={tol:g}{', keep=largest' if keep == 'largest' else ''})": (a, tol, keep) for a, tol, keep in our_settings(head, args)}
+    runners = {name: ours(*settings, name) for name, settings in names.items()}
+    return {**runners, **{name: run for name, run in (("captum", captum), ("dattri", dattri)) if name in args.peers}}, products
 
 
 def part_arnoldi(sets: dict, train: Dataset, hessian: Dataset, exact_self: torch.Tensor, args: argparse.Namespace) -> None:
-    print(f"\n## Arnoldi self-influence: fit (rank {args.rank}, {args.iterations} HVP iterations over {len(hessian)} pairs) "
-          f"+ self-influence of {len(train)} pairs, medians of {args.rounds} alternating rounds")
+    print(f"\n## Arnoldi self-influence: fit (rank {args.rank}, {args.iterations} HVP iterations over {len(hessian)} pairs; ours "
+          f"stop sooner at tol > 0) + self-influence of {len(train)} pairs, medians of {args.rounds} alternating rounds")
     for label, problem in sets.items():
         print(f"\n### {label}: {problem.num_params:,} parameters", flush=True)
-        records = alternate(arnoldi_runners(problem, train, hessian, args), args.rounds)
+        runners, products = arnoldi_runners(problem, train, hessian, args, head=label == "head")
+        records = alternate(runners, args.rounds)
         scores = {name: r["result"] for name, r in records.items()}
-        print(f"\n| library | fit + self-influence s | fit s | peak MiB | Spearman vs exact | {' | '.join(f'vs {n}' for n in scores)} |")
-        print("|---|---:|---:|---:|---:|" + "---:|" * len(scores))
+        print(f"\n| library | fit + self-influence s | fit s | products | peak MiB | Spearman vs exact | "
+              f"{' | '.join(f'vs {n}' for n in scores)} |")
+        print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(scores))
         for name, record in records.items():
             vs_exact = f"{spearman(scores[name], exact_self):.4f}" if label == "head" else "—"
             others = " | ".join("1" if other == name else f"{spearman(scores[name], scores[other]):.4f}" for other in scores)
-            print(f"| {name} | {median(record['seconds']):.2f} | {median(record['fit']):.2f} | {median(record['peak']):.0f} | "
-                  f"{vs_exact} | {others} |")
+            print(f"| {name} | {median(record['seconds']):.2f} | {median(record['fit']):.2f} | {products.get(name, args.iterations)} | "
+                  f"{median(record['peak']):.0f} | {vs_exact} | {others} |")
         for ours in (n for n in records if n.startswith("ours")):
             for peer in (n for n in records if not n.startswith("ours")):
                 per_round = [round(p / o, 1) for p, o in zip(records[peer]["seconds"], records[ours]["seconds"])]
@@ -277,7 +301,8 @@ def part_noise(problem: Problem, train: Dataset, hessian: Dataset, is_noisy: lis
 
     def ours():
         inf = problem.influence(seed=args.seed)
-        basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations)
+        basis, fit = timed(inf.fit_arnoldi, hessian, rank=args.rank, iterations=args.iterations, algorithm="arnoldi", tol=args.tols[-1],
+                           keep="magnitude")
         return inf.self_influence(train, method="arnoldi", basis=basis), fit
 
     def kronfluence(damping):
@@ -295,7 +320,7 @@ def part_noise(problem: Problem, train: Dataset, hessian: Dataset, is_noisy: lis
         basis, fit = timed(inf.fit_fisher, hessian, rank=args.rank)
         return inf.self_influence(train, method="arnoldi", basis=basis), fit
 
-    records = alternate({"ours Arnoldi": ours, f"ours Fisher eigenbasis (fit_fisher, rank {args.rank})": ours_fisher,
+    records = alternate({f"ours Arnoldi (tol={args.tols[-1]:g})": ours, f"ours Fisher eigenbasis (fit_fisher, rank {args.rank})": ours_fisher,
                          "kronfluence EK-FAC": kronfluence(problem.damping)}, args.rounds)
     records.update(alternate({"kronfluence EK-FAC, its heuristic damping (0.1 x mean eigenvalue)": kronfluence(None)}, 1))
     loss = per_example_loss(model, train)
@@ -346,8 +371,10 @@ def main() -> int:
         exact_problem = Problem(copy.deepcopy(model).double(), head.param_names, head.damping, args.batch_size)
         exact_self, seconds = timed(exact_problem.influence().self_influence, train, method="exact", hessian_data=hessian)
         print(f"exact self-influence on the head (float64 explicit Hessian): {seconds:.1f}s")
-        ceiling = spearman(truncated_self_influence(exact_problem, train, hessian_matrix, args.rank), exact_self)
-        print(f"ceiling for any rank-{args.rank} method: the exact top-{args.rank} eigenpairs (by |λ|) give Spearman {ceiling:.4f} with exact")
+        for keep, by in (("magnitude", "|λ|"), ("largest", "λ")):
+            ceiling = spearman(truncated_self_influence(exact_problem, train, hessian_matrix, args.rank, keep), exact_self)
+            print(f"ceiling for any rank-{args.rank} method keeping the largest {by}: the exact top-{args.rank} eigenpairs give "
+                  f"Spearman {ceiling:.4f} with exact")
         part_arnoldi({"head": head, "last layer": last}, train, hessian, exact_self, args)
     if "lissa" in args.parts:
         test = test_all.select(range(args.num_test))

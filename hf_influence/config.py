@@ -45,6 +45,15 @@ class Algorithm(str, Enum):
     BLOCK = "block"
 
 
+class Keep(str, Enum):
+    """Which ``rank`` Ritz pairs a Hessian eigenbasis keeps: those of largest |λ| (Schioppa et al. 2022), or of largest λ
+    (captum, dattri). With damping d a direction u adds about λ/(λ + d) to a damped score, increasing in λ, so a negative
+    λ kept by |λ| displaces a positive one that matters more; the Fisher (positive semi-definite) is the same either way."""
+
+    MAGNITUDE = "magnitude"
+    LARGEST = "largest"
+
+
 class Projection(str, Enum):
     """How gradients are projected on a basis: forward-mode JVPs, per-example gradients, or the cheaper."""
 
@@ -155,7 +164,7 @@ class InfluenceConfig:
 class BasisConfig:
     """How an eigenbasis is fitted (`Influence.fit_basis`)."""
 
-    rank: int = field(default=20, metadata={"help": "Eigenpairs kept (p̄): those of largest |λ|."})
+    rank: int = field(default=20, metadata={"help": "Eigenpairs kept (p̄): those of largest |λ| (or λ, see keep)."})
     iterations: int = field(default=100, metadata={
         "help": "Hessian: Arnoldi iterations (one HVP pass over the Hessian rows each), >= rank. Fisher: unused."})
     curvature: str = field(default="hessian", metadata={
@@ -164,12 +173,25 @@ class BasisConfig:
     algorithm: str = field(default="arnoldi", metadata={
         "help": "Hessian fits: 'arnoldi' (one HVP per pass, `iterations` passes in sequence) or 'block' (block Krylov: b HVPs "
                 "per pass from one graph-keeping backward, about iterations / b passes; b from memory_budget_gb, logged)."})
+    tol: float = field(default=1e-3, metadata={
+        "help": "Hessian fits stop once the `rank` Ritz pairs kept have converged: each residual ‖Hu - λu‖ <= tol × |λ_max| "
+                "(read from the Krylov matrix every few steps, no extra HVP); `iterations` is then the cap. 0: always run "
+                "`iterations`. The iterations run are logged and saved on the basis."})
+    keep: str = field(default="magnitude", metadata={
+        "help": "Hessian fits: which `rank` eigenpairs the basis keeps, 'magnitude' (largest |λ|, Schioppa et al.) or "
+                "'largest' (largest λ, as captum and dattri; for damped scores a negative λ matters less than a positive "
+                "one). A basis answers only requests for its own choice."})
 
     def __post_init__(self):
         check_count(self.rank, "rank")
         check_count(self.iterations, "iterations")
         self.curvature = as_choice(Curvature, self.curvature, "curvature").value
         self.algorithm = as_choice(Algorithm, self.algorithm, "algorithm").value
+        if isinstance(self.tol, bool) or not isinstance(self.tol, (int, float)) or not 0 <= self.tol < 1:
+            raise InvalidInputError(f"tol must be a number in [0, 1) (residuals relative to |λ_max|; 0 runs every iteration), "
+                                    f"got {self.tol!r}.")
+        self.tol = float(self.tol)
+        self.keep = as_choice(Keep, self.keep, "keep").value
         if self.curvature == Curvature.HESSIAN and self.rank > self.iterations:
             raise InvalidInputError(f"rank must be <= iterations for the Hessian, got rank={self.rank}, iterations={self.iterations}: "
                                     "raise iterations.")

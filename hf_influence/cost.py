@@ -217,10 +217,12 @@ def _rows(data: Any) -> int | None:
 # One estimator per public method, with that method's signature (tests/test_cost.py holds them to it).
 
 def fit_arnoldi(owner, hessian_data, rank=BasisConfig.rank, iterations=BasisConfig.iterations, seed=None,
-                algorithm=BasisConfig.algorithm, data_parallel=False, *, action="fit_arnoldi"):
-    config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm)
+                algorithm=BasisConfig.algorithm, tol=BasisConfig.tol, keep=BasisConfig.keep, data_parallel=False, *, action="fit_arnoldi"):
+    config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm, tol, keep)
     cost = _Cost(owner, action)
     cost.fit(hessian_data, config.rank, config.iterations, Algorithm(config.algorithm))
+    if config.tol > 0:
+        cost.notes.append(f"the passes are a cap: the fit stops sooner once its {config.rank} eigenpairs converge (tol={config.tol:g})")
     return cost.done()
 
 
@@ -240,11 +242,12 @@ def fit_fisher(owner, hessian_data, rank=BasisConfig.rank, data_parallel=False, 
 
 
 def fit_basis(owner, hessian_data, rank=BasisConfig.rank, iterations=BasisConfig.iterations, curvature=BasisConfig.curvature,
-              algorithm=BasisConfig.algorithm, data_parallel=False):
-    config = BasisConfig(rank, iterations, curvature, algorithm)
+              algorithm=BasisConfig.algorithm, tol=BasisConfig.tol, keep=BasisConfig.keep, data_parallel=False):
+    config = BasisConfig(rank, iterations, curvature, algorithm, tol, keep)
     if config.curvature == Curvature.FISHER:
         return fit_fisher(owner, hessian_data, config.rank, action="fit_basis")
-    return fit_arnoldi(owner, hessian_data, config.rank, config.iterations, algorithm=config.algorithm, action="fit_basis")
+    return fit_arnoldi(owner, hessian_data, config.rank, config.iterations, algorithm=config.algorithm, tol=config.tol, keep=config.keep,
+                       action="fit_basis")
 
 
 def spectrum(owner, hessian_data, method="lanczos", iterations=30, trace_estimator="hutch++", trace_matvecs=30, data_parallel=False):

@@ -10,7 +10,7 @@ import torch
 from transformers.utils import logging
 
 from ._utils.errors import IncompatibleBasisError, InvalidInputError
-from .config import Algorithm, BasisConfig, Curvature, implicit_iterations
+from .config import Algorithm, BasisConfig, Curvature, Keep, implicit_iterations
 from .cost_estimate import costed
 from .data import RandomBatches, batch_size_of, dataset_of, to_device
 from .engine.grads import accumulation_dtype, eval_mode
@@ -40,19 +40,24 @@ class CurvatureMethods(ModelWiring):
     @refuses_autocast
     @costed("fit_arnoldi")
     def fit_arnoldi(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations, seed: int | None = None,
-                    algorithm: str = BasisConfig.algorithm, data_parallel: bool = False) -> ArnoldiBasis:
-        """Fit the top-``rank`` eigenpairs (largest |λ|) of the Hessian of the mean loss over ``hessian_data`` from
-        about ``iterations`` Hessian-vector products (Schioppa et al. 2022); the Ritz residuals ``‖Hu - λu‖`` are logged.
+                    algorithm: str = BasisConfig.algorithm, tol: float = BasisConfig.tol, keep: str = BasisConfig.keep,
+                    data_parallel: bool = False) -> ArnoldiBasis:
+        """Fit the top-``rank`` eigenpairs (largest |λ|, or λ) of the Hessian of the mean loss over ``hessian_data`` from
+        at most about ``iterations`` Hessian-vector products (Schioppa et al. 2022); the Ritz residuals ``‖Hu - λu‖`` are
+        logged, and the products run are the basis's ``iterations``.
 
         Args:
             algorithm (`str`, defaults to `"arnoldi"`): ``"arnoldi"`` (one HVP per pass over the Hessian data:
                 ``iterations`` passes in sequence) or ``"block"`` (block Krylov: ``b`` HVPs per pass, ``iterations / b``
                 passes; ``b`` is chosen from ``memory_budget_gb`` and logged).
+            tol (`float`, defaults to `1e-3`): stop before ``iterations`` once every kept pair's residual is
+                ``<= tol × |λ_max|`` (0: run them all); the settings of `hf_influence.config.BasisConfig`.
+            keep (`str`, defaults to `"magnitude"`): keep the pairs of largest |λ| or (``"largest"``) of largest λ.
             data_parallel (`bool`, defaults to `False`): every process calls this with the same ``hessian_data``
                 (torch.distributed initialised); each takes every ``world_size``-th Hessian batch, the products are
                 summed over processes, and all return the same basis. With one process it is the plain fit.
         """
-        config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm)
+        config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm, tol, keep)
         if rank > self.selection.num_params:
             raise InvalidInputError(f"rank={rank} exceeds the {self.selection.num_params} selected parameters: lower rank.")
         self.check_data(**{"Hessian data": hessian_data})
@@ -63,20 +68,22 @@ class CurvatureMethods(ModelWiring):
         with eval_mode(self.model):
             hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget, across_processes=data_parallel).hvp
             pairs, products = fit_eigenpairs(hvp, self.selection.num_params, rank, iterations, Algorithm(config.algorithm), generator, like,
-                                             self.memory_budget, across_processes=data_parallel, progress=self.progress)
-        return self._basis(pairs.eigenvalues, pairs.eigenvectors, products, "hessian")
+                                             self.memory_budget, across_processes=data_parallel, progress=self.progress,
+                                             tol=config.tol, keep=Keep(config.keep))
+        return self._basis(pairs.eigenvalues, pairs.eigenvectors, products, "hessian", config.keep)
 
     @costed("fit_basis")
     def fit_basis(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations,
-                  curvature: str = BasisConfig.curvature, algorithm: str = BasisConfig.algorithm, data_parallel: bool = False) -> ArnoldiBasis:
-        """:meth:`fit_arnoldi` (``curvature="hessian"``, with ``algorithm``) or :meth:`fit_fisher` (``"fisher"``;
-        ``iterations`` and ``algorithm`` unused); the settings of `hf_influence.config.BasisConfig`, checked there.
-        ``data_parallel=True``: every process calls this with the same data and gets the same basis."""
-        config = BasisConfig(rank, iterations, curvature, algorithm)
+                  curvature: str = BasisConfig.curvature, algorithm: str = BasisConfig.algorithm, tol: float = BasisConfig.tol,
+                  keep: str = BasisConfig.keep, data_parallel: bool = False) -> ArnoldiBasis:
+        """:meth:`fit_arnoldi` (``curvature="hessian"``, with ``algorithm``, ``tol`` and ``keep``) or :meth:`fit_fisher`
+        (``"fisher"``; ``iterations``, ``algorithm`` and ``keep`` unused); the settings of `hf_influence.config.BasisConfig`,
+        checked there. ``data_parallel=True``: every process calls this with the same data and gets the same basis."""
+        config = BasisConfig(rank, iterations, curvature, algorithm, tol, keep)
         if config.curvature == Curvature.FISHER:
             return self.fit_fisher(hessian_data, rank=config.rank, data_parallel=data_parallel)
         return self.fit_arnoldi(hessian_data, rank=config.rank, iterations=config.iterations, algorithm=config.algorithm,
-                                data_parallel=data_parallel)
+                                tol=config.tol, keep=config.keep, data_parallel=data_parallel)
 
     @refuses_autocast
     @costed("fit_fisher")
@@ -90,7 +97,9 @@ class CurvatureMethods(ModelWiring):
         The per-example gradients are held at once when they and the SVD's copies (``3 × examples × P`` floats) fit
         ``memory_budget_gb``; otherwise the
         eigenpairs come from block Krylov on Fisher products ``F V``, one gradient pass per block, nothing held
-        (Krylov accuracy, residuals logged; ``iterations`` on the basis counts the products).
+        (Krylov accuracy: all ``max(2 × rank, rank + 20)`` products, with no convergence stop, since ``tol``'s scale |λ_max|
+        would leave the small kept eigenvalues accurate only to ``tol × λ_max``; residuals logged; ``iterations`` on the
+        basis counts the products).
         ``data_parallel=True``: every process calls this with the same data, computes the gradients of its share of
         the batches, and gets the same basis as one process would.
         """
@@ -228,15 +237,17 @@ class CurvatureMethods(ModelWiring):
         logger.info(f"No basis given: fitting Arnoldi (rank={rank}, iterations={iterations}) on the Hessian data.")
         return self.fit_arnoldi(hessian_data, rank=rank, iterations=iterations)
 
-    def _basis(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, iterations: int, curvature: str) -> ArnoldiBasis:
+    def _basis(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, iterations: int, curvature: str,
+               keep: str = BasisConfig.keep) -> ArnoldiBasis:
         description = self.selection.describe()
         return ArnoldiBasis(
             eigenvalues.cpu(), eigenvectors.cpu(), description["names"], description["shapes"], iterations,
-            self.selection.fingerprint(self.model), type(self.model).__name__, curvature,
+            self.selection.fingerprint(self.model), type(self.model).__name__, curvature, keep,
         )
 
-    def basis_mismatches(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None) -> list[str]:
-        """Why ``basis`` cannot serve this model and selection (and the requested ``rank`` / ``curvature``, when
+    def basis_mismatches(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None,
+                         keep: str | None = None) -> list[str]:
+        """Why ``basis`` cannot serve this model and selection (and the requested ``rank`` / ``curvature`` / ``keep``, when
         given); empty when it can. The model check hashes the selected weights, so it runs once per basis and
         weights version (`hf_influence.params.weights_version`): again only after a weight changed."""
         version = weights_version(self._params().items())
@@ -245,13 +256,13 @@ class CurvatureMethods(ModelWiring):
             problems = basis.mismatches(described["names"], described["shapes"], self.selection.fingerprint(self.model),
                                         type(self.model).__name__)
             if problems:
-                return problems + basis.request_mismatches(rank, curvature)
+                return problems + basis.request_mismatches(rank, curvature, keep)
             self._verified_bases[id(basis)] = (basis, version)  # the basis kept alive, so its id is not reused
-        return basis.request_mismatches(rank, curvature)
+        return basis.request_mismatches(rank, curvature, keep)
 
-    def check_basis(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None) -> None:
+    def check_basis(self, basis: ArnoldiBasis, rank: int | None = None, curvature: str | None = None, keep: str | None = None) -> None:
         """Raise `IncompatibleBasisError` unless ``basis`` can serve this model (see :meth:`basis_mismatches`)."""
-        problems = self.basis_mismatches(basis, rank, curvature)
+        problems = self.basis_mismatches(basis, rank, curvature, keep)
         if problems:
             raise IncompatibleBasisError(
                 "This eigenbasis was fitted for a different model or request: " + "; ".join(problems) + ". Fit a new basis "

@@ -71,12 +71,14 @@ def hutchpp_blocks(matvecs: int) -> tuple[int, int, int]:
     return third, third, max(1, matvecs - 2 * third)
 
 
-def krylov_iteration(hvp: HVP, start: torch.Tensor, iterations: int, progress: bool = True, desc: str = "Krylov") -> tuple[torch.Tensor, torch.Tensor]:
+def krylov_iteration(hvp: HVP, start: torch.Tensor, iterations: int, progress: bool = True, desc: str = "Krylov",
+                     stop: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal Krylov basis ``Q`` ``[m+1, P]`` and Hessenberg matrix ``[m+1, m]``, ``m <= iterations``.
 
     Arnoldi with full re-orthogonalisation (classical Gram-Schmidt, twice); for symmetric ``H``
-    this is Lanczos made stable. Stops early when the Krylov space is invariant. The basis is one
-    ``[iterations + 1, P]`` buffer filled row by row, so the vectors are held once (no per-step copy).
+    this is Lanczos made stable. Stops early when the Krylov space is invariant (then ``Q`` is ``[m, P]``), or when
+    ``stop`` (called with the Hessenberg matrix ``[k+1, k]`` after step ``k``, e.g. a ``base.ConvergenceStop``) says so.
+    The basis is one ``[iterations + 1, P]`` buffer filled row by row, so the vectors are held once (no per-step copy).
     """
     basis = torch.empty(iterations + 1, start.shape[0], dtype=start.dtype, device=start.device)
     basis[0] = start / start.norm()
@@ -93,6 +95,8 @@ def krylov_iteration(hvp: HVP, start: torch.Tensor, iterations: int, progress: b
         if residual <= 1e-10 * hessenberg[: k + 1, k].norm().clamp_min(1e-30):
             return stacked, hessenberg[: k + 2, : k + 1]
         basis[k + 1] = w / residual
+        if stop is not None and k + 1 < iterations and stop(hessenberg[: k + 2, : k + 1]):
+            return basis[: k + 2], hessenberg[: k + 2, : k + 1]
     return basis, hessenberg
 
 

@@ -87,7 +87,8 @@ class InfluenceTrainerMixin:
         dataset = self._dataset_or_train(dataset, "fit_influence")
         inf = self.get_influence(progress=not self.args.disable_tqdm and is_main_process(self.accelerator))
         basis = inf.fit_basis(self.get_influence_dataloader(self.get_hessian_dataset(dataset)), settings.rank, settings.iterations,
-                              settings.curvature, settings.algorithm, data_parallel=self.accelerator.num_processes > 1)
+                              settings.curvature, settings.algorithm, settings.tol, settings.keep,
+                              data_parallel=self.accelerator.num_processes > 1)
         if is_main_process(self.accelerator):
             basis.save(basis_save_path(self._influence_root()))
         wait_for_everyone(self.accelerator)
@@ -102,7 +103,7 @@ class InfluenceTrainerMixin:
             dataset (`datasets.Dataset`, *optional*): defaults to ``self.train_dataset``; scored in row order.
             method (`str`, *optional*): ``"arnoldi"`` or ``"tracin"``; defaults to ``influence_method``.
                 Arnoldi reuses the saved basis if it was fitted on the current weights with the same
-                parameters, rank and curvature (damping is a scoring setting); otherwise it calls :meth:`fit_influence` first.
+                parameters, rank, curvature and keep (damping is a scoring setting); otherwise it calls :meth:`fit_influence` first.
         """
         settings = self._influence_settings().influence_config(ScoringConfig)
         dataset = self._dataset_or_train(dataset, "self_influence")
@@ -261,7 +262,7 @@ class InfluenceTrainerMixin:
         return self.train_dataset if dataset is None else dataset
 
     def _influence_basis(self, method: Method) -> ArnoldiBasis | None:
-        """The saved basis if it was fitted on the current weights with the same parameters, rank and curvature
+        """The saved basis if it was fitted on the current weights with the same parameters, rank, curvature and keep
         (the main process decides, so every rank agrees), else a new :meth:`fit_influence`."""
         if method is not Method.ARNOLDI:
             return None
@@ -273,8 +274,8 @@ class InfluenceTrainerMixin:
         return self.fit_influence()
 
     def _reusable_basis(self, root: Path) -> ArnoldiBasis | None:
-        """The saved basis if the one reuse rule (`Influence.basis_mismatches`) accepts it with this trainer's rank and
-        curvature, else ``None`` (a damaged basis is reported and fitted again, like a damaged shard)."""
+        """The saved basis if the one reuse rule (`Influence.basis_mismatches`) accepts it with this trainer's rank,
+        curvature and keep, else ``None`` (a damaged basis is reported and fitted again, like a damaged shard)."""
         if not basis_exists(root):
             return None
         try:
@@ -283,7 +284,7 @@ class InfluenceTrainerMixin:
             logger.warning(f"{err} The trainer fits it again now.")
             return None
         requested = self.args.influence_config(BasisConfig)
-        return None if self.get_influence().basis_mismatches(saved, requested.rank, requested.curvature) else saved
+        return None if self.get_influence().basis_mismatches(saved, requested.rank, requested.curvature, requested.keep) else saved
 
     def _log_shards(self, report: Any) -> None:
         self.log({"influence/shards_computed": float(len(report.computed)), "influence/shards_skipped": float(report.skipped)})

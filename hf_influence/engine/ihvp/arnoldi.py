@@ -1,8 +1,8 @@
 """Arnoldi eigenbasis of the Hessian (Schioppa et al. 2022, "Scaling Up Influence Functions", Alg. 1-2).
 
-``iterations`` HVPs build an orthonormal Krylov basis with full re-orthogonalisation
-(``spectrum.krylov_iteration``); the small
-projected matrix is diagonalised and distilled to the ``rank`` eigenpairs of largest |λ|. Scores
+At most ``iterations`` HVPs build an orthonormal Krylov basis with full re-orthogonalisation
+(``spectrum.krylov_iteration``), fewer once the kept Ritz pairs have converged (``base.ConvergenceStop``); the small
+projected matrix is diagonalised and distilled to the ``rank`` eigenpairs of largest |λ| (or largest λ). Scores
 in that basis use ``Σ_i (u_i·g_x)(u_i·g_z) / (λ_i + damping)``.
 """
 
@@ -16,10 +16,11 @@ import torch
 from ..._utils.adapters import adapter_names_in, describe_adapter_change
 from ..._utils.errors import IncompatibleBasisError
 from ..._utils.io import damaged_artifact, read_tensors_artifact, save_tensors
-from ...config import check_damping
+from ...config import Keep, check_damping
 
 BASIS_FILE = "arnoldi_basis.safetensors"
-_METADATA_KEYS = ("param_names", "param_shapes", "iterations", "fingerprint", "model_class", "curvature")
+_METADATA_KEYS = ("param_names", "param_shapes", "iterations", "fingerprint", "model_class", "curvature", "keep")
+_LATER_KEYS = ("curvature", "keep")  # absent from bases saved before they existed: Hessian bases, kept by |λ|
 
 
 @dataclass
@@ -27,14 +28,17 @@ class ArnoldiBasis:
     """Top eigenpairs of the Hessian (or of the empirical Fisher) over a parameter selection, tied to one model's weights.
 
     Attributes:
-        eigenvalues (`torch.Tensor` of shape `[p̄]`): λ_i, ordered by decreasing |λ|.
+        eigenvalues (`torch.Tensor` of shape `[p̄]`): λ_i, ordered by decreasing |λ| (``keep="largest"``: λ).
         eigenvectors (`torch.Tensor` of shape `[p̄, P]`): orthonormal u_i in ``named_parameters()`` order.
         param_names (`list[str]`), param_shapes (`list[list[int]]`): the parameter selection.
-        iterations (`int`): Arnoldi iterations run (0 for the Fisher, which is decomposed exactly).
+        iterations (`int`): Krylov products run (a fit stops before its cap once converged; 0 for the Fisher, which is
+            decomposed exactly).
         fingerprint (`str`): hash of the selected weights (see ``ParamSelection.fingerprint``).
         model_class (`str`): class name of the model it was fitted on.
         curvature (`str`, defaults to `"hessian"`): ``"hessian"`` (``Influence.fit_arnoldi``) or
             ``"fisher"`` (``Influence.fit_fisher``).
+        keep (`str`, defaults to `"magnitude"`): the pairs kept, those of largest |λ| or ``"largest"`` λ
+            (`hf_influence.config.Keep`); the same for the Fisher, which has no negative λ.
     """
 
     eigenvalues: torch.Tensor
@@ -45,6 +49,7 @@ class ArnoldiBasis:
     fingerprint: str
     model_class: str
     curvature: str = "hessian"
+    keep: str = Keep.MAGNITUDE.value
 
     @property
     def rank(self) -> int:
@@ -82,13 +87,16 @@ class ArnoldiBasis:
             problems.append(f"model class: saved {self.model_class}, requested {model_class}")
         return problems
 
-    def request_mismatches(self, rank: int | None = None, curvature: str | None = None) -> list[str]:
-        """How this basis differs from a requested ``rank`` / ``curvature`` (each ignored when ``None``)."""
+    def request_mismatches(self, rank: int | None = None, curvature: str | None = None, keep: str | None = None) -> list[str]:
+        """How this basis differs from a requested ``rank`` / ``curvature`` / ``keep`` (each ignored when ``None``; ``keep``
+        also for a Fisher basis, whose eigenvalues are all >= 0 so both choices keep the same pairs)."""
         problems = []
         if rank is not None and rank != self.rank:
             problems.append(f"rank: saved {self.rank}, requested {rank}")
         if curvature is not None and curvature != self.curvature:
             problems.append(f"curvature: saved {self.curvature}, requested {curvature}")
+        if keep is not None and self.curvature != "fisher" and Keep(keep).value != self.keep:
+            problems.append(f"keep: saved {self.keep} (eigenpairs of largest {'|λ|' if self.keep == 'magnitude' else 'λ'}), requested {keep}")
         return problems
 
 
@@ -121,8 +129,9 @@ def load_basis(path: str | os.PathLike) -> ArnoldiBasis:
     tensors, meta = read_tensors_artifact(target, "an Arnoldi basis", remedy)
     if meta.get("kind") != "arnoldi_basis":
         raise IncompatibleBasisError(f"{target} holds a {meta.get('kind')!r}, not an Arnoldi basis.")
-    missing = [k for k in ("eigenvalues", "eigenvectors") if k not in tensors] + [k for k in _METADATA_KEYS[:-1] if k not in meta]
+    missing = [k for k in ("eigenvalues", "eigenvectors") if k not in tensors] + [
+        k for k in _METADATA_KEYS if k not in meta and k not in _LATER_KEYS]
     if missing:
         raise damaged_artifact(target, "an Arnoldi basis", f"it lacks {', '.join(missing)}", remedy)
-    fields = {k: meta[k] for k in _METADATA_KEYS if k in meta}  # bases saved before `curvature` existed are Hessian ones
+    fields = {k: meta[k] for k in _METADATA_KEYS if k in meta}  # the dataclass defaults stand in for _LATER_KEYS
     return ArnoldiBasis(tensors["eigenvalues"], tensors["eigenvectors"], **fields)

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..._utils import comm
-from ...config import Algorithm
+from ...config import Algorithm, Keep
 from ..hvp import pass_bytes
 from ..spectrum import krylov_iteration
-from .base import RitzPairs, distill, log_residuals
+from .base import ConvergenceStop, RitzPairs, distill, log_residuals
 
 logger = logging.get_logger(__name__)
 HVP = Callable[[torch.Tensor], torch.Tensor]  # [P, b] -> [P, b]
@@ -38,30 +38,49 @@ _MAX_WIDTH = 64
 
 
 def fit_eigenpairs(hvp: HVP, num_params: int, rank: int, iterations: int, algorithm: Algorithm, generator: torch.Generator,
-                   like: torch.Tensor, memory_budget: float, across_processes: bool = False, progress: bool = True) -> tuple[RitzPairs, int]:
-    """Top-``rank`` eigenpairs by |λ| of the operator ``hvp`` at the accuracy of ``iterations`` Arnoldi steps:
-    ``(pairs, products spent)``.
+                   like: torch.Tensor, memory_budget: float, across_processes: bool = False, progress: bool = True,
+                   tol: float = 0.0, keep: Keep = Keep.MAGNITUDE) -> tuple[RitzPairs, int]:
+    """Top-``rank`` eigenpairs by |λ| (or λ: ``keep``) of the operator ``hvp`` at the accuracy of ``iterations`` Arnoldi
+    steps, or fewer once they have converged to ``tol`` (``base.ConvergenceStop``): ``(pairs, products spent)``.
 
     ``like`` gives dtype and device. With ``across_processes`` (every process calls with the same
-    seed), the block plan and the pairs are broadcast from process 0, so every process runs the
+    seed), the block plan, the stop and the pairs are process 0's, broadcast, so every process runs the
     same passes and returns the very same basis."""
+    stop = ConvergenceStop(rank, tol, keep, across_processes)
     if algorithm is Algorithm.ARNOLDI:
         start = torch.randn(num_params, generator=generator, dtype=torch.float64).to(like)
-        basis, hessenberg = krylov_iteration(hvp, start, iterations, progress, desc="Arnoldi")
+        basis, hessenberg = krylov_iteration(hvp, start, iterations, progress, desc="Arnoldi", stop=stop)
+        cap = iterations
     else:
         plan = plan_blocks(hvp, num_params, iterations, like, memory_budget)
         if across_processes:  # timings differ between processes: follow process 0's plan
             plan = BlockPlan(*comm.broadcast(torch.tensor(plan, device=like.device)).tolist())
         logger.info(f"Block Krylov fit: blocks of {plan.width} vectors (within memory_budget_gb={memory_budget / 2**30:g}: "
-                    f"{plan.width} × {num_params:,} parameters), {plan.steps} passes over the Hessian data instead of "
+                    f"{plan.width} × {num_params:,} parameters), at most {plan.steps} passes over the Hessian data instead of "
                     f"{iterations}, {plan.width * plan.steps} products.")
         start = torch.randn(num_params, plan.width, generator=generator, dtype=torch.float64).to(like)
-        basis, hessenberg = block_krylov(hvp, start, plan.steps, generator, progress, desc="block Krylov")
-    pairs = distill(basis, hessenberg, rank)
+        basis, hessenberg = block_krylov(hvp, start, plan.steps, generator, progress, desc="block Krylov", stop=stop)
+        cap = plan.width * plan.steps
+    products = int(hessenberg.shape[1])
+    log_stop(algorithm.value, products, cap, stop, invariant=basis.shape[0] == products)
+    pairs = distill(basis, hessenberg, rank, keep)
     log_residuals(pairs.eigenvalues, pairs.residuals, f"{algorithm.value} fit")
     if across_processes:
         pairs = RitzPairs(*(comm.broadcast(t.contiguous()) for t in pairs))
-    return pairs, int(hessenberg.shape[1])
+    return pairs, products
+
+
+def log_stop(solver: str, products: int, cap: int, stop: ConvergenceStop, invariant: bool) -> None:
+    """Say at INFO how many products a fit ran and why it stopped there."""
+    if stop.stopped:
+        why = (f"the {stop.rank} Ritz pairs kept converged (largest residual {stop.relative:.1e} × |λ_max| <= tol={stop.tol:g})")
+    elif invariant:
+        why = "the Krylov space became invariant (exact eigenpairs)"
+    elif stop.tol > 0:
+        why = f"the cap (iterations; largest residual at the last check {stop.relative:.1e} × |λ_max| > tol={stop.tol:g})"
+    else:
+        why = "the cap (iterations; tol=0)"
+    logger.info(f"{solver} fit: {products} of at most {cap} products, stopped at {why}.")
 
 
 class BlockPlan(NamedTuple):
@@ -121,13 +140,14 @@ def plan_blocks(hvp: HVP, num_params: int, iterations: int, like: torch.Tensor, 
 
 
 def block_krylov(hvp: HVP, start: torch.Tensor, steps: int, generator: torch.Generator, progress: bool = True,
-                 desc: str = "block Krylov") -> tuple[torch.Tensor, torch.Tensor]:
+                 desc: str = "block Krylov", stop: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal block Krylov basis ``Q`` ``[(s+1)·b, P]`` and block Hessenberg matrix ``[(s+1)·b, s·b]``.
 
     ``start`` is ``[P, b]``; ``s <= steps`` passes of ``hvp`` on ``b`` vectors each, with full
     re-orthogonalisation (block classical Gram-Schmidt, twice). ``H Q[:s·b]ᵀ = Q[:(s+1)·b]ᵀ T`` holds
     to round-off; stops early when every direction of a new block deflates (an invariant space: then
-    ``T`` is square and ``H Qᵀ = Qᵀ T``).
+    ``T`` is square and ``H Qᵀ = Qᵀ T``), or when ``stop`` (called with ``T`` ``[(k+1)·b, k·b]`` after pass ``k``, e.g. a
+    ``base.ConvergenceStop`` reading the block residuals from its last block row) says so.
     ``generator`` fills deflated directions. ``Q`` is one ``[(steps+1)·b, P]`` buffer filled block by block, so the
     vectors are held once (no per-step copy).
     """
@@ -150,6 +170,8 @@ def block_krylov(hvp: HVP, start: torch.Tensor, steps: int, generator: torch.Gen
         if complete:
             return basis[:filled], hessenberg[:filled, :filled]  # square: no residual left
         basis[filled : filled + width] = following.T
+        if stop is not None and step + 1 < steps and stop(hessenberg[: filled + width, :filled]):
+            return basis[: filled + width], hessenberg[: filled + width, :filled]
     return basis, hessenberg
 
 

@@ -89,7 +89,7 @@ def test_block_eigenpairs_match_the_explicit_hessian(bert_oracle, block_basis):
     assert sin_largest < SUBSPACE_SIN
     gram = block_basis.eigenvectors @ block_basis.eigenvectors.T
     torch.testing.assert_close(gram, torch.eye(RANK, dtype=gram.dtype), atol=1e-8, rtol=0)
-    assert block_basis.iterations >= ITERATIONS  # HVPs spent, a whole number of blocks
+    assert RANK < block_basis.iterations <= 2 * ITERATIONS  # products spent, at most the plan's whole blocks (tol stops sooner)
 
 
 def test_block_scores_correlate_with_exact(bert_oracle, block_basis):
