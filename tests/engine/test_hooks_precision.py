@@ -96,3 +96,24 @@ def _total_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
 def _columns(selection, prefix: str) -> torch.Tensor:
     """Boolean ``[P]``: the flattened entries of the parameters whose name starts with ``prefix``."""
     return torch.cat([torch.full((n,), name.startswith(prefix)) for name, n in zip(selection.names, selection.numels)])
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_half_precision_check_still_catches_a_missed_use(monkeypatch, dtype):
+    """The looser half-precision tolerance still rejects hooks that miss a use of a parameter (simulated, as in
+    test_hooks.py, by one module's output gradients counted twice): auto then falls back to vmap's gradients."""
+    from hf_influence.engine import hooks
+
+    torch.manual_seed(0)
+    model = utils.tiny_bert().to(dtype).eval()
+    data = utils.classification_dataset(N)
+    batch = PaddingCollator()([data[i] for i in range(N)])
+    loss_fn = LossFunction(model, infer_task(model), select_parameters(model, last_n_layers=1))
+    params = loss_fn.selection.tensors(model)
+    real = hooks._accumulate
+    monkeypatch.setattr(hooks, "_accumulate", lambda module, roles, a, g, grads: real(
+        module, roles, a, 2 * g if module is model.classifier else g, grads))
+    with eval_mode(model):
+        auto = per_example_grads(loss_fn, params, batch)
+        reference = per_example_grads(loss_fn, params, batch, mode="vmap")
+    assert loss_fn.hooks_ok is False and torch.equal(auto, reference)
