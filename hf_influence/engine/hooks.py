@@ -124,55 +124,6 @@ class FlatGrads(dict):
         return self[name]
 
 
-class Projections:
-    """Per-example gradients projected on directions module by module: ``total`` ``[B, p̄]``, with no
-    per-example gradient of the whole selection ever held (an embedding's is formed only for a table with no more
-    rows than tokens; otherwise the directions' rows are gathered at the input ids, once for ids the batch shares). ``columns`` holds the directions by parameter (see :func:`_columns`):
-    a contiguous transposed copy ``{name: [*shape, p̄]}`` (``transposed``; views take 1.09-1.17x its time per hooked pass), or views
-    ``{name: [p̄, *shape]}`` of the directions themselves (no copy)."""
-
-    def __init__(self, columns: Params, transposed: bool, size: int, rank: int, dtype: torch.dtype, device: torch.device):
-        self.columns, self.transposed = columns, transposed
-        self.total = torch.zeros((size, rank), dtype=dtype, device=device)
-
-    def put(self, name: str, value: torch.Tensor) -> None:
-        u = self.columns[name]
-        u = u.reshape(-1, u.shape[-1]) if self.transposed else u.reshape(u.shape[0], -1).T  # [n, p̄]
-        self.total += value.reshape(value.shape[0], -1) @ u
-
-    def lookup(self, name: str, ids: torch.Tensor, g: torch.Tensor, padding_idx: int | None) -> None:
-        if padding_idx is not None:
-            g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
-        rows = self.columns[name].shape[0 if self.transposed else 1]
-        if rows <= ids.shape[1]:  # a small table (token types): its per-example gradient [B, rows, D] by one-hot rows
-            self.put(name, torch.bmm(F.one_hot(ids, rows).to(g.dtype).transpose(1, 2), g))
-            return
-        if ids.stride(0) == 0:  # ids the batch shares (positions, expanded by _batch_expander): the rows gathered once
-            u = self.columns[name][ids[0]] if self.transposed else self.columns[name][:, ids[0]]  # [T, D, p̄] or [p̄, T, D]
-            self.total += g.reshape(g.shape[0], -1) @ (u.reshape(-1, u.shape[-1]) if self.transposed else u.reshape(u.shape[0], -1).T)
-            return
-        flat_ids, per_id = ids.reshape(-1), g.reshape(-1, g.shape[-1])  # [B·T], [B·T, D]
-        if self.transposed:  # rows [B·T, D, p̄]
-            per_token = torch.bmm(per_id.unsqueeze(1), self.columns[name][flat_ids]).squeeze(1)
-        else:  # rows [p̄, B·T, D]
-            per_token = (self.columns[name][:, flat_ids] * per_id).sum(dim=-1).T
-        self.total += per_token.reshape(g.shape[0], -1, per_token.shape[-1]).sum(dim=1)
-
-
-def _columns(loss_fn: LossFunction, directions: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Params:
-    """``directions`` (``[p̄, P]``) in ``dtype`` split by parameter: ``transposed``, a contiguous ``[P, p̄]`` copy made once
-    per directions tensor (``{name: [*shape, p̄]}``), else views of them (``{name: [p̄, *shape]}``; a copy only where
-    ``dtype`` differs). Kept on ``loss_fn`` (the last directions seen, their version, layout and pieces), so it lives as
-    long as its `Influence`."""
-    cache = loss_fn.projection_columns
-    if cache[0] is not directions or cache[1] != (directions._version, transposed):
-        flat = directions.to(dtype).T.contiguous() if transposed else directions.to(dtype)
-        pieces = torch.split(flat, loss_fn.selection.numels, dim=0 if transposed else 1)
-        shaped = [p.view(*shape, -1) if transposed else p.view(-1, *shape) for p, shape in zip(pieces, loss_fn.selection.shapes)]
-        cache[:] = [directions, (directions._version, transposed), dict(zip(loss_fn.selection.names, shaped))]
-    return cache[2]
-
-
 def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> FlatGrads:
     """Per-example gradients ``{name: [B, *shape]}`` of the selected parameters, from one forward and one backward,
     in fp32 (fp64 for fp64 models; the forward and backward run in the model's dtype).
@@ -193,20 +144,6 @@ def hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict[n
     return grads
 
 
-def hook_projections(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict[str, str]], directions: torch.Tensor,
-                     transposed: bool = True) -> torch.Tensor:
-    """``[B, p̄]``: each example's gradient times ``directionsᵀ`` (``[p̄, P]``), from one forward and backward,
-    projected module by module (see :class:`Projections`; ``transposed``: through a cached ``[P, p̄]`` copy of the
-    directions, else through views of them); fp32 (fp64 for fp64 models)."""
-    calls, out_grads, dtype = _hooked_pass(loss_fn, batch, plan)
-    columns = _columns(loss_fn, directions, dtype, transposed)
-    sink = Projections(columns, transposed, batch_size_of(batch), directions.shape[0], dtype, directions.device)
-    for (module, inputs, _), out_grad in zip(calls, out_grads):
-        if out_grad is not None:
-            _accumulate(module, plan[module], inputs, out_grad.to(dtype), sink)
-    return sink.total
-
-
 def _hooked_pass(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict[str, str]]) -> tuple[list, list, torch.dtype]:
     """One forward and backward: per hooked call ``(module, input, output)``, its output gradient, and the accumulation dtype."""
     model, size = loss_fn.module.model, batch_size_of(batch)
@@ -223,7 +160,32 @@ def _hooked_pass(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict
             losses = loss_fn.module(batch).reshape(-1)
             # Only the output gradients are asked for: autograd skips the (summed) parameter gradients.
             out_grads = torch.autograd.grad(losses.sum(), [output for _, _, output in calls], allow_unused=True) if calls else []
-    return calls, list(out_grads), torch.promote_types(leaves[0].dtype, torch.float32)  # products summed in fp32 at least
+    trimmed = [_drop_silent_tokens(inputs, g) if g is not None else (inputs, g) for (_, inputs, _), g in zip(calls, out_grads)]
+    calls = [(module, inputs, output) for (module, _, output), (inputs, _) in zip(calls, trimmed)]
+    return calls, [g for _, g in trimmed], torch.promote_types(leaves[0].dtype, torch.float32)  # products summed in fp32 at least
+
+
+def _drop_silent_tokens(inputs: torch.Tensor, out_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inputs`` and ``out_grad`` (``[B, T, in]``, ``[B, T, out]``) without the token positions whose output gradient is
+    zero in every example of the batch, which add nothing to any per-example product or sum over tokens. A classifier
+    that reads one token leaves most of its last layer so (BERT's pooler reads [CLS]: there the query, attention output,
+    feed-forward and layer norms keep 1 of 64 tokens on ``benchmarks/throughput.py``'s model). Candidates are the
+    positions whose first feature is 0 everywhere, confirmed over the whole row; a call with ids for inputs (embeddings)
+    or one token per example is left as is."""
+    if out_grad.dim() < 3 or inputs.shape[:-1] != out_grad.shape[:-1]:
+        return inputs, out_grad
+    size = out_grad.shape[0]
+    g = out_grad.reshape(size, -1, out_grad.shape[-1])  # [B, T, out]
+    maybe = (g[:, :, 0] == 0).all(dim=0).nonzero().squeeze(1)  # [n] positions
+    if maybe.numel() == 0:
+        return inputs, out_grad
+    silent = maybe[g.index_select(1, maybe).abs().amax(dim=(0, 2)) == 0]
+    if silent.numel() == 0:
+        return inputs, out_grad
+    keep = torch.ones(g.shape[1], dtype=torch.bool, device=g.device)
+    keep[silent] = False
+    kept = keep.nonzero().squeeze(1)
+    return inputs.reshape(size, -1, inputs.shape[-1]).index_select(1, kept), g.index_select(1, kept)
 
 
 def _recorder(calls: list, size: int):

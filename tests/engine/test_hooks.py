@@ -174,3 +174,48 @@ def test_gram_rule_counts_shared_inputs():
     output (not sharing) forms the gradient; a one-token call (a pooler) always takes the Grams."""
     assert norms.grams_cheaper(512, 768, 768, readers=3) and not norms.grams_cheaper(512, 768, 768, readers=1)
     assert norms.grams_cheaper(1, 8, 8, readers=1) and not norms.grams_cheaper(64, 8, 8, readers=1)
+
+
+def test_silent_tokens_are_dropped_only_where_every_example_has_zero_gradient():
+    """``_drop_silent_tokens`` keeps a position whose first feature is 0 but another is not, or that one example uses."""
+    g = torch.randn(2, 4, 3, dtype=torch.float64)
+    g[:, 1] = 0  # silent in both examples: dropped
+    g[:, 2, 0] = 0  # first feature 0 everywhere, the others not: kept
+    g[0, 3] = 0  # silent in one example only: kept
+    a = torch.randn(2, 4, 5, dtype=torch.float64)
+    inputs, out_grad = hooks._drop_silent_tokens(a, g)
+    torch.testing.assert_close(out_grad, g[:, [0, 2, 3]], rtol=0, atol=0)
+    torch.testing.assert_close(inputs, a[:, [0, 2, 3]], rtol=0, atol=0)
+    full = torch.randn(2, 4, 3, dtype=torch.float64)
+    assert hooks._drop_silent_tokens(a, full)[1] is full  # nothing to drop: the same tensors back
+
+
+@pytest.mark.parametrize("case", ["bert", "gpt2-classifier"])
+def test_dropping_silent_tokens_keeps_every_feature(case, monkeypatch):
+    """A classifier reads one token, so its last layer's other tokens have no gradient and are dropped before the products;
+    per-example gradients, Arnoldi projections and TracIn norms equal those with every token kept (fp64)."""
+    build, make_data, kwargs = CASES[case]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    dataset, selection = make_data(5), select_parameters(model, **kwargs)
+    batch = PaddingCollator()([dataset[i] for i in range(5)])
+    loss_fn = LossFunction(model, infer_task(model), selection)
+    params = selection.tensors(model)
+    plan = hooks.hook_plan(loss_fn, params)
+    directions = torch.randn(4, selection.num_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def features():
+        with eval_mode(model):
+            calls, _, _ = hooks._hooked_pass(loss_fn, batch, plan)
+            tokens = sum(inputs.shape[1] for _, inputs, _ in calls if inputs.dim() == 3 and inputs.is_floating_point())
+            grads = selection.flatten(hooks.hook_grads(loss_fn, params, batch, plan), batch_dims=1)
+            projected = project_by_grads(loss_fn, params, batch, directions)
+            return tokens, grads, projected, norms.hook_squared_norms(loss_fn, batch, plan)
+
+    loss_fn.hooks_ok = True
+    dropped = features()
+    monkeypatch.setattr(hooks, "_drop_silent_tokens", lambda inputs, out_grad: (inputs, out_grad))
+    kept = features()
+    assert dropped[0] < kept[0]  # some tokens were dropped
+    for fast, full in zip(dropped[1:], kept[1:]):
+        assert float((fast - full).abs().max()) <= HOOKS_RTOL * float(full.abs().max())

@@ -57,23 +57,25 @@ def _padded_setup(build, make_data, n=6):
 
 @pytest.mark.parametrize("build, make_data", [(utils.tiny_bert, utils.classification_dataset), (utils.tiny_gpt2, utils.lm_dataset)])
 def test_hooked_projection_within_a_small_budget_reads_the_basis_in_place(build, make_data):
-    """A basis larger than the budget is read through views of itself (no [P, p̄] copy), with the same numbers as the
-    cached transposed copy and as vmap's gradients times the basis."""
+    """The hooked projection reads the basis through views of itself; the embedding tables also through a transposed
+    copy when it fits the budget (``embedding_bag``), else one direction at a time: the same numbers as vmap's gradients
+    times the basis either way."""
     model, selection, loss_fn, batch = _padded_setup(build, make_data)
     params = selection.tensors(model)
     directions = torch.randn(7, selection.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    small = directions.numel() * 8 - 1  # bytes: one short of the basis
+    tables = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
     with eval_mode(model):
         reference = selection.flatten(per_example_grad_tensors(loss_fn, params, batch, mode="vmap"), batch_dims=1) @ directions.T
         project_by_grads(loss_fn, params, batch, directions)  # first use: the hooks' check
         assert loss_fn.hooks_ok
         copied = project_by_grads(loss_fn, params, batch, directions, memory_budget_bytes=directions.numel() * 8)
-        copy_pieces = dict(loss_fn.projection_columns[2])
-        in_place = project_by_grads(loss_fn, params, batch, directions, memory_budget_bytes=small)
-        view_pieces = loss_fn.projection_columns[2]
+        views, copies = loss_fn.projection_columns[2]
+        in_place = project_by_grads(loss_fn, params, batch, directions, memory_budget_bytes=0)
+        assert loss_fn.projection_columns[2][1] == {}  # no copy within a budget of 0
     base = directions.untyped_storage().data_ptr()
-    assert all(p.untyped_storage().data_ptr() == base for p in view_pieces.values())  # views of the basis
-    assert all(p.untyped_storage().data_ptr() != base for p in copy_pieces.values())  # the copy
+    assert all(p.untyped_storage().data_ptr() == base for p in views.values())  # views of the basis
+    assert sorted(copies) == sorted(f"{name}.weight" for name in tables) and tables
+    assert all(p.untyped_storage().data_ptr() != base for p in copies.values())  # the tables' copy
     scale = float(reference.abs().max())
     assert float((copied - reference).abs().max()) <= HOOKS_RTOL * scale
     assert float((in_place - reference).abs().max()) <= HOOKS_RTOL * scale
