@@ -28,7 +28,8 @@ from .engine.ihvp.block import block_steps, candidate_widths, timing_widths
 from .engine.ihvp.fisher import held_bytes
 from .engine.ihvp.lissa import LissaConfig
 from .engine.kronecker import subspace_pass_bytes, subspace_rows_per_pass
-from .engine.projection import choose_projection, grads_chunk_size
+from .engine.hooks import hook_plan
+from .engine.projection import choose_projection, embedding_tables, grads_chunk_size
 from .engine.spectrum import check_spectrum_request, hutchpp_blocks
 
 FEWER_ROWS = "fewer rows per call (split the data, or run `hf-influence score`, which streams shards)"
@@ -146,12 +147,14 @@ class _Cost:
         mode = choose_projection(self.P, rank, self.B, self.budget) if mode == "auto" else mode
         if mode == "jvp":
             self.fields["grads"] = f"none formed: forward-mode JVPs along the {rank} directions"
-        else:  # the engine's rules: vmap gradients in chunks within the budget; hooks read a transposed copy that fits it
+        else:  # the engine's rules: vmap gradients in chunks within the budget; hooks copy the embedding tables where they fit
             chunk = grads_chunk_size(self.P, self.B, self.budget)
             self.gradients(chunk, f"projected {chunk} examples at a time; once hooks pass their first-batch check, module by module")
-            if rank * self.P * self.d <= self.budget:
-                self.hold(f"the directions' transposed copy [{rank}, P] (hooks)", "working", rank, "")
-                self.spare += rank * self.P * self.d
+            plan = hook_plan(self.owner.train_loss, self.owner._params())
+            tables = sum(embedding_tables(plan).values()) if plan is not None else 0
+            if 0 < rank * tables * self.d <= self.budget:
+                self.hold(f"the embedding tables' transposed copy [{rank}, {tables:,}] (hooks)", "working", rank * tables / self.P, "")
+                self.spare += rank * tables * self.d
 
     def kronecker_subspace(self, rank: int) -> None:
         """The Kronecker map's subspace Hessian: map rows materialised a block at a time, each block one pass of batched

@@ -129,12 +129,17 @@ class Projections:
                 row += torch.linalg.vecdot(F.embedding(ids, direction).reshape(size, -1), g.reshape(size, -1))
 
 
+def embedding_tables(plan: dict[nn.Module, dict[str, str]]) -> dict[str, int]:
+    """``{name: numel}`` of the selected embedding weights in a hook plan (the tables :func:`hook_projections` may copy)."""
+    return {roles["weight"]: module.weight.numel() for module, roles in plan.items() if isinstance(module, nn.Embedding) and "weight" in roles}
+
+
 def _tables_to_copy(plan: dict[nn.Module, dict[str, str]], rank: int, dtype: torch.dtype, budget: float | None) -> tuple[str, ...]:
     """The selected embedding weights, when a ``[rows·D, p̄]`` copy of all of them fits ``budget`` (else none)."""
-    tables = [(roles["weight"], module.weight.numel()) for module, roles in plan.items() if isinstance(module, nn.Embedding) and "weight" in roles]
-    if budget is not None and sum(n for _, n in tables) * rank * dtype.itemsize > budget:
+    tables = embedding_tables(plan)
+    if budget is not None and sum(tables.values()) * rank * dtype.itemsize > budget:
         return ()
-    return tuple(name for name, _ in tables)
+    return tuple(tables)
 
 
 def _pieces(loss_fn: LossFunction, directions: torch.Tensor, dtype: torch.dtype, tables: tuple[str, ...]) -> tuple[Params, Params]:
