@@ -1,7 +1,7 @@
 """Scoring throughput of ``hf-influence score`` (Arnoldi self-influence), and the eigenbasis fit, with 2 processes vs 1.
 
     python benchmarks/scaling.py [--rows 4096] [--hidden 128] [--layers 2] [--seq-len 64] [--rounds 3] [--compare-threads]
-                                 [--parts score,fit] [--fit-examples 256] [--fit-algorithm block]
+                                 [--parts score,fit] [--fit-examples 256] [--fit-algorithm block] [--block-size 8]
 
 Builds a BERT from config and a random training set on disk, fits one Arnoldi basis, then runs the
 real command line under ``torchrun`` in alternating rounds, each into a fresh output folder:
@@ -84,7 +84,8 @@ def fit_once(args, root: Path, processes: int, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), __file__,
                "--fit-worker", str(root), "--fit-examples", str(args.fit_examples), "--batch-size", str(args.batch_size),
-               "--rank", str(args.rank), "--fit-algorithm", args.fit_algorithm]
+               "--rank", str(args.rank), "--fit-algorithm", args.fit_algorithm] + (
+                   [] if args.block_size is None else ["--block-size", str(args.block_size)])
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -103,7 +104,8 @@ def fit_worker(args) -> None:
     data = Dataset.load_from_disk(str(root / "train")).select(range(args.fit_examples))
     inf = hfi.Influence(model, batch_size=args.batch_size, progress=False)
     start, cpu_start = time.perf_counter(), time.process_time()
-    basis = inf.fit_arnoldi(data, rank=args.rank, iterations=2 * args.rank, algorithm=args.fit_algorithm, data_parallel=True)
+    basis = inf.fit_arnoldi(data, rank=args.rank, iterations=2 * args.rank, algorithm=args.fit_algorithm, data_parallel=True,
+                           block_size=args.block_size)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"fit_seconds": seconds, "cpu_seconds": cpu, "eigenvalues": basis.eigenvalues[:5].tolist()}), flush=True)
@@ -126,6 +128,9 @@ def main() -> None:
     parser.add_argument("--parts", default="score,fit", help="comma-separated: score (sharded scoring), fit (data-parallel fit)")
     parser.add_argument("--fit-examples", type=int, default=256, help="Hessian rows of the timed fit")
     parser.add_argument("--fit-algorithm", default="block", choices=["arnoldi", "block"])
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="block fits: a fixed block width (BasisConfig.block_size), so every setup runs the same blocks; "
+                             "default: chosen by each run from memory and timed passes")
     parser.add_argument("--fit-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fit_worker:
@@ -156,7 +161,7 @@ def main() -> None:
 def report_fit(fits: dict[str, list[dict]], args) -> None:
     base = statistics.median(r["fit_seconds"] for r in fits["1 process x 1 thread"])
     reference = torch.tensor(fits["1 process x 1 thread"][0]["eigenvalues"])
-    print(f"\nfit_arnoldi(algorithm={args.fit_algorithm!r}, data_parallel=True): rank {args.rank}, {2 * args.rank} HVPs over "
+    print(f"\nfit_arnoldi(algorithm={args.fit_algorithm!r}, block_size={args.block_size}, data_parallel=True): rank {args.rank}, {2 * args.rank} HVPs over "
           f"{args.fit_examples} rows (batch {args.batch_size}), all parameters; medians of {args.rounds} rounds")
     print("(CPU s: process 0's CPU time in the fit; with every process on a core of its own, wall ≈ CPU, so on a busy machine "
           "1-process CPU s / 2-process CPU s says what the split alone gives)")

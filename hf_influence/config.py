@@ -181,6 +181,10 @@ class BasisConfig:
         "help": "Hessian fits: which `rank` eigenpairs the basis keeps, 'magnitude' (largest |λ|, Schioppa et al.) or "
                 "'largest' (largest λ, as captum and dattri; for damped scores a negative λ matters less than a positive "
                 "one). A basis answers only requests for its own choice."})
+    block_size: int | None = field(default=None, metadata={
+        "help": "algorithm='block' only: the block width b (vectors per pass), capped by memory_budget_gb with a logged note. "
+                "None: chosen from memory_budget_gb and two timed passes, so two fits of the same data (e.g. on 1 or 2 "
+                "processes) may choose different widths; fix it for fits that must agree."})
 
     def __post_init__(self):
         check_count(self.rank, "rank")
@@ -192,6 +196,10 @@ class BasisConfig:
                                     f"got {self.tol!r}.")
         self.tol = float(self.tol)
         self.keep = as_choice(Keep, self.keep, "keep").value
+        check_count(self.block_size, "block_size", optional=True)
+        if self.block_size is not None and self.algorithm != Algorithm.BLOCK:
+            raise InvalidInputError(f"block_size={self.block_size} is the width of algorithm='block' fits; algorithm is "
+                                    f"{self.algorithm!r}: set algorithm='block' or leave block_size unset.")
         if self.curvature == Curvature.HESSIAN and self.rank > self.iterations:
             raise InvalidInputError(f"rank must be <= iterations for the Hessian, got rank={self.rank}, iterations={self.iterations}: "
                                     "raise iterations.")

@@ -1,14 +1,15 @@
 """What a call will cost, before it runs, and the refusal of what cannot fit ``memory_budget_gb``.
 
 ``Influence.estimate_cost(action, *args, **kwargs)`` takes a public method's name and arguments and returns a
-`CostEstimate` without running anything (but one forward and backward of the largest Hessian batch for random projection
-with a Kronecker map, whose batched HVPs hold that batch's activations per map row: see ``engine/hvp_memory.py``); every such method logs its own estimate at INFO and raises
+`CostEstimate` without running anything (but one forward and backward of the largest Hessian batch where batched HVPs run
+on many vectors: block Krylov fits, the spectrum, random projection; they hold that batch's activations once and again per
+vector, see ``engine/hvp_memory.py``); every such method logs its own estimate at INFO and raises
 `MemoryBudgetError` before any work when what it must hold at once exceeds the budget (`cost_estimate.costed`; a call
 inside another was counted by the outer one). Sizes count the large tensors hf_influence holds, in the accumulation
 dtype: bases, Krylov vectors, per-example gradients, the explicit Hessian, LiSSA iterates, scores; not the model, its
-activations (but the Kronecker subspace Hessian's, above) or the data. Each rule behind a figure lives with the code that applies it and is called from here: block
-widths (``ihvp/block.py``), pass buffers (``hvp.py``), the Fisher SVD (``ihvp/fisher.py``), the projection path and
-chunks (``projection.py``), Kronecker map rows (``kronecker.py``), LiSSA presets, Krylov steps (``config.py``).
+activations (but the batched HVPs', above) or the data. Each rule behind a figure lives with the code that applies it and is called from here: block
+widths (``ihvp/block.py``), passes of batched HVPs (``hvp_memory.py``), the Fisher SVD (``ihvp/fisher.py``), the projection path and
+chunks (``projection.py``), Kronecker map rows (``subspace_hessian.py``), LiSSA presets, Krylov steps (``config.py``).
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from .config import Algorithm, BasisConfig, Curvature, Method, RandomProjection,
 from .cost_estimate import CostEstimate, MemoryPart
 from .data import batch_size_of, dataset_of
 from .engine.grads import HOOK_CHECK_ROWS, accumulation_dtype, hooks_by_default
-from .engine.hvp import EXPLICIT_CHUNK, pass_bytes
-from .engine.ihvp.block import block_steps, candidate_widths, timing_widths
+from .engine.hvp import EXPLICIT_CHUNK
+from .engine.hvp_memory import pass_bytes, vectors_per_backward
+from .engine.ihvp.block import block_steps, candidate_widths, fixed_width, krylov_bytes, timing_widths
 from .engine.ihvp.fisher import held_bytes
 from .engine.ihvp.lissa import LissaConfig
-from .engine.kronecker import subspace_pass_bytes, subspace_rows_per_pass
+from .engine.subspace_hessian import subspace_rows_per_pass
 from .engine.hooks import hook_plan
 from .engine.projection import choose_projection, embedding_tables, grads_chunk_size
-from .engine.spectrum import check_spectrum_request, hutchpp_blocks
+from .engine.spectrum import check_spectrum_request, trace_blocks
 
 FEWER_ROWS = "fewer rows per call (split the data, or run `hf-influence score`, which streams shards)"
+SMALLER_GRAPH = "a smaller hessian_batch_size or batch_size (fewer tokens per Hessian batch)"
 
 
 class _Cost:
@@ -64,6 +67,26 @@ class _Cost:
         self.largest = max(batch_size_of(b) for b in batches)
         self.batches = batches
 
+    def activations(self) -> int:
+        """What a batched HVP's graph saves on the largest Hessian batch (measured once: one forward and backward)."""
+        if "_activations" not in self.__dict__:
+            self._activations = self.owner._hvp_activation_bytes(self.batches) if self.batches else 0
+            if self.batches:
+                self.notes.append("the batched HVPs' activations were measured by one forward and backward of the largest Hessian batch")
+        return self._activations
+
+    def hvp_pass(self, vectors: int, left: float, what: str, graph: bool = True) -> int:
+        """A pass of batched HVPs on ``vectors`` vectors within ``left`` bytes (`engine/hvp_memory.py`: fewer per batched
+        backward when all do not fit); ``graph=False`` for Fisher products (P-sized buffers only). Returns its bytes."""
+        activations = self.activations() if graph else 0
+        chunk = vectors_per_backward(vectors, self.P, self.d, activations, left)
+        nbytes = pass_bytes(vectors, self.P, self.d, activations, chunk)
+        per = "" if chunk == vectors else f", {chunk} per batched backward"
+        graph_part = f", the graph of the largest Hessian batch ({activations / 2**20:.2f} MiB) once and per vector" if graph else ""
+        self.parts.append(MemoryPart(f"{what}: a pass of {vectors} vector{'s' * (vectors > 1)}{per}{graph_part}", "working", nbytes,
+                                     SMALLER_GRAPH if graph else ""))
+        return nbytes
+
     def passes(self, passes: int, products: int) -> None:
         self.fields["passes"] += passes
         self.fields["products"] += products
@@ -79,29 +102,39 @@ class _Cost:
         self.fields["grads"] = how
         self.hold(f"per-example gradients [{rows}, P] per batch", "grads", rows, f"a smaller batch_size ({self.B} now)")
 
-    def krylov(self, iterations: int, algorithm: Algorithm, operator: str = "HVP", way_out: str = "fewer iterations") -> None:
-        """A Krylov fit of ``iterations`` steps; block widths and passes follow the block planner's rules."""
+    def krylov(self, iterations: int, algorithm: Algorithm, operator: str = "HVP", way_out: str = "fewer iterations",
+               block_size: int | None = None) -> None:
+        """A Krylov fit of ``iterations`` steps; block widths, passes and their memory follow the block planner's rules."""
         self.fields["operator"] = operator
         if algorithm is Algorithm.ARNOLDI:
             self.passes(iterations, iterations)
             self.hold(f"Krylov vectors [{iterations + 1}, P]", "krylov", iterations + 1, way_out)
-            self.hold("pass buffers of 1 vector", "working", pass_bytes(1, 1, 1), "")
+            self.hold("pass buffers of 1 vector", "working", pass_bytes(1, 1, 1, 0), "")
             return
-        widths = candidate_widths(self.P, iterations, self.d, self.budget)
-        timed, steps = timing_widths(widths), {w: block_steps(iterations, w) for w in widths}
+        graph = operator == "HVP"
+        activations = self.activations() if graph else 0
+        if block_size is not None:
+            width = fixed_width(block_size, self.P, iterations, self.d, self.budget, activations)
+            widths, timed = [width], ()
+        else:
+            widths = candidate_widths(self.P, iterations, self.d, self.budget, activations)
+            timed = timing_widths(widths)
+        steps = {w: block_steps(iterations, w) for w in widths}
         width = min(widths, key=lambda w: (steps[w], w))  # the planner's choice when a pass costs the same at any width
         self.passes(len(timed) + steps[width], sum(timed) + width * steps[width])
         self.hold(f"block Krylov vectors [{(steps[width] + 1) * width}, P]", "krylov", (steps[width] + 1) * width, way_out)
-        self.hold(f"pass buffers of {width} vector{'s' * (width > 1)}", "working", pass_bytes(width, 1, 1), "")
-        self.spare += ((steps[width] + 1) * width - iterations - 1 + pass_bytes(width - 1, 1, 1)) * self.P * self.d
+        left = self.budget - krylov_bytes(width, iterations, self.P, self.d)
+        held = self.hvp_pass(width, left, f"block Krylov {operator}s", graph)
+        least = krylov_bytes(1, iterations, self.P, self.d) + pass_bytes(1, self.P, self.d, activations)
+        self.spare += max(0, krylov_bytes(width, iterations, self.P, self.d) + held - least)
         if len(widths) > 1:
             self.notes.append(f"block width chosen at run time by {len(timed)} timed passes: {steps[width]} passes of {width} vectors "
                               f"(the memory above) if a pass costs the same at any width, up to {iterations} passes of 1")
 
-    def fit(self, data: Any, rank: int, iterations: int, algorithm: Algorithm) -> None:
+    def fit(self, data: Any, rank: int, iterations: int, algorithm: Algorithm, block_size: int | None = None) -> None:
         self.hessian(data)
         self.basis(rank)
-        self.krylov(iterations, algorithm)
+        self.krylov(iterations, algorithm, block_size=block_size)
 
     def exact(self, decomposed: bool) -> None:
         self.passes(math.ceil(self.P / EXPLICIT_CHUNK), self.P)
@@ -110,18 +143,24 @@ class _Cost:
         self.hold("its working copies (forming" + (" and decomposing it)" if decomposed else " it)"), "working", self.P * copies / self.d, "")
 
     def spectrum(self, method: str = "lanczos", iterations: int = 30, trace_estimator: str = "hutch++", trace_matvecs: int = 30) -> None:
+        """Lanczos (or power iteration) one vector per pass, then the trace probes in blocks (``spectrum.trace_blocks``),
+        one after the other: the larger of the two is counted."""
         check_spectrum_request(method, trace_estimator)
         self.passes(iterations, iterations)
         if method == "power":
             self.notes.append(f"power iteration: at most {iterations} passes")
-        blocks = hutchpp_blocks(trace_matvecs) if trace_estimator == "hutch++" else (trace_matvecs,)
+        blocks, held = trace_blocks(trace_estimator, trace_matvecs)
         for block in blocks:
             self.passes(1, block)
-        trace = 2 * sum(blocks[-2:]) + pass_bytes(max(blocks), 1, 1)  # probes, products, pass buffers
         rows, what = (iterations + 1, f"Lanczos vectors [{iterations + 1}, P]") if method == "lanczos" else (3, "power iterates [3, P]")
-        if trace > rows:  # the two phases run one after the other
-            rows, what = trace, f"trace probes, products and pass buffers [{trace}, P]"
-        self.hold(what, "krylov", rows, "fewer iterations or trace_matvecs")
+        one = pass_bytes(1, self.P, self.d, self.activations())
+        if held > rows:  # the two phases run one after the other
+            self.hold(f"trace probes and products [{held}, P]", "krylov", held, "fewer trace_matvecs")
+            self.hvp_pass(max(blocks), self.budget - held * self.P * self.d, "trace probes")
+        else:
+            self.hold(what, "krylov", rows, "fewer iterations")
+            self.parts.append(MemoryPart(f"{'Lanczos' if method == 'lanczos' else 'power iteration'}: a pass of 1 vector, the graph "
+                                         "of the largest Hessian batch once and per vector", "working", one, SMALLER_GRAPH))
 
     def lissa(self, data: Any, lissa: Any, columns: int | None, solves: int | None) -> None:
         """LiSSA solves with ``columns`` right-hand sides each (the spectrum first for ``"auto"``)."""
@@ -139,7 +178,7 @@ class _Cost:
         if config.tolerance is not None or repeats != config.repeats or config.restarts:
             self.notes.append("LiSSA: at most (early stop, adaptive repeats or restarts may stop sooner)")
         self.fields.update(lissa_hvps=hvps, lissa_rows=config.batch_size)
-        self.hold(f"LiSSA iterates [5 × {columns}, P] and pass buffers", "working", 5 * columns + pass_bytes(columns, 1, 1),
+        self.hold(f"LiSSA iterates [5 × {columns}, P] and pass buffers", "working", 5 * columns + pass_bytes(columns, 1, 1, 0),
                   f"fewer rows per call ({columns} right-hand sides)")
 
     def projection(self, rank: int) -> None:
@@ -159,19 +198,16 @@ class _Cost:
     def kronecker_subspace(self, rank: int) -> None:
         """The Kronecker map's subspace Hessian: map rows materialised a block at a time, each block one pass of batched
         HVPs whose graph (measured on the largest Hessian batch) is held once and again per row (``kronecker.py``)."""
-        activations = self.owner._hvp_activation_bytes(self.batches) if self.batches else 0
+        activations = self.activations()
         step = subspace_rows_per_pass(rank, self.P, self.d, self.budget, activations)
-        one, two = (subspace_pass_bytes(rows, self.P, self.d, activations) for rows in (1, 2))
+        one, two = (pass_bytes(rows, self.P, self.d, activations) for rows in (1, 2))
         self.passes(math.ceil(rank / step), rank)
         self.parts.append(MemoryPart(f"batched HVP graph (activations {activations / 2**20:.2f} MiB saved on the largest Hessian batch, "
-                                     "measured) and first-order gradients", "working", 2 * one - two,
-                                     "a smaller hessian_batch_size or batch_size (fewer tokens per Hessian batch)"))
+                                     "measured) and first-order gradients", "working", 2 * one - two, SMALLER_GRAPH))
         self.parts.append(MemoryPart(f"{step} Kronecker map rows per pass: their batched backward and [P, {step}] buffers", "working",
                                      step * (two - one), "a lower rank"))
         self.spare += (step - 1) * (two - one)  # the pass takes fewer rows at a time within a smaller budget
         self.fields["grads"] = "none formed: Kronecker maps applied to hooked gradient pieces"
-        self.notes.append("the Kronecker subspace Hessian's activations were measured by one forward and backward of the largest "
-                          "Hessian batch")
 
     def method_parts(self, method: Method, train: Any, hessian_data: Any, basis: Any, lissa: Any, rank: int,
                      columns: int | None, solves: int | None, norms: bool = False) -> None:
@@ -191,7 +227,7 @@ class _Cost:
                 return
             self.basis(rank, "random subspace")
             self.passes(1, rank)
-            self.hold(f"its Hessian products [{rank}, P] and pass buffers", "working", rank + pass_bytes(rank, 1, 1), "a lower rank")
+            self.hvp_pass(rank, self.budget - rank * self.P * self.d, "the random subspace's Hessian products")
             self.projection(rank)
         else:
             if method is Method.TRACIN and norms and hooks_by_default(self.owner._dtype()):
@@ -220,10 +256,11 @@ def _rows(data: Any) -> int | None:
 # One estimator per public method, with that method's signature (tests/test_cost.py holds them to it).
 
 def fit_arnoldi(owner, hessian_data, rank=BasisConfig.rank, iterations=BasisConfig.iterations, seed=None,
-                algorithm=BasisConfig.algorithm, tol=BasisConfig.tol, keep=BasisConfig.keep, data_parallel=False, *, action="fit_arnoldi"):
-    config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm, tol, keep)
+                algorithm=BasisConfig.algorithm, tol=BasisConfig.tol, keep=BasisConfig.keep, data_parallel=False,
+                block_size=BasisConfig.block_size, *, action="fit_arnoldi"):
+    config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm, tol, keep, block_size)
     cost = _Cost(owner, action)
-    cost.fit(hessian_data, config.rank, config.iterations, Algorithm(config.algorithm))
+    cost.fit(hessian_data, config.rank, config.iterations, Algorithm(config.algorithm), config.block_size)
     if config.tol > 0:
         cost.notes.append(f"the passes are a cap: the fit stops sooner once its {config.rank} eigenpairs converge (tol={config.tol:g})")
     return cost.done()
@@ -245,12 +282,13 @@ def fit_fisher(owner, hessian_data, rank=BasisConfig.rank, data_parallel=False, 
 
 
 def fit_basis(owner, hessian_data, rank=BasisConfig.rank, iterations=BasisConfig.iterations, curvature=BasisConfig.curvature,
-              algorithm=BasisConfig.algorithm, tol=BasisConfig.tol, keep=BasisConfig.keep, data_parallel=False):
-    config = BasisConfig(rank, iterations, curvature, algorithm, tol, keep)
+              algorithm=BasisConfig.algorithm, tol=BasisConfig.tol, keep=BasisConfig.keep, data_parallel=False,
+              block_size=BasisConfig.block_size):
+    config = BasisConfig(rank, iterations, curvature, algorithm, tol, keep, block_size)
     if config.curvature == Curvature.FISHER:
         return fit_fisher(owner, hessian_data, config.rank, action="fit_basis")
     return fit_arnoldi(owner, hessian_data, config.rank, config.iterations, algorithm=config.algorithm, tol=config.tol, keep=config.keep,
-                       action="fit_basis")
+                       block_size=config.block_size, action="fit_basis")
 
 
 def spectrum(owner, hessian_data, method="lanczos", iterations=30, trace_estimator="hutch++", trace_matvecs=30, data_parallel=False):

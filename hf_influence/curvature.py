@@ -15,12 +15,14 @@ from .cost_estimate import costed
 from .data import RandomBatches, batch_size_of, dataset_of, to_device
 from .engine.grads import accumulation_dtype, eval_mode
 from .engine.hvp import batch_hvp, explicit_hessian
+from .engine.hvp_memory import budgeted
 from .engine.ihvp.arnoldi import ArnoldiBasis
 from .engine.ihvp.block import fit_eigenpairs
 from .engine.ihvp.fisher import fisher_eigenpairs, fisher_product, held_bytes
 from .engine.ihvp.lissa import LissaConfig, LissaInverse, LissaResult, choose_lissa_config
 from .engine.prefix import PrefixReplay
-from .engine.spectrum import Spectrum, check_spectrum_request, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration, ritz_extremes
+from .engine.spectrum import (Spectrum, check_spectrum_request, hutchinson_trace, hutchpp_trace, krylov_iteration, power_iteration,
+                              ritz_extremes, trace_blocks)
 from .params import weights_version
 from .wiring import ModelWiring, refuses_autocast
 
@@ -41,7 +43,7 @@ class CurvatureMethods(ModelWiring):
     @costed("fit_arnoldi")
     def fit_arnoldi(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations, seed: int | None = None,
                     algorithm: str = BasisConfig.algorithm, tol: float = BasisConfig.tol, keep: str = BasisConfig.keep,
-                    data_parallel: bool = False) -> ArnoldiBasis:
+                    data_parallel: bool = False, block_size: int | None = BasisConfig.block_size) -> ArnoldiBasis:
         """Fit the top-``rank`` eigenpairs (largest |λ|, or λ) of the Hessian of the mean loss over ``hessian_data`` from
         at most about ``iterations`` Hessian-vector products (Schioppa et al. 2022); the Ritz residuals ``‖Hu - λu‖`` are
         logged, and the products run are the basis's ``iterations``.
@@ -49,15 +51,17 @@ class CurvatureMethods(ModelWiring):
         Args:
             algorithm (`str`, defaults to `"arnoldi"`): ``"arnoldi"`` (one HVP per pass over the Hessian data:
                 ``iterations`` passes in sequence) or ``"block"`` (block Krylov: ``b`` HVPs per pass, ``iterations / b``
-                passes; ``b`` is chosen from ``memory_budget_gb`` and logged).
+                passes; ``b`` is chosen from ``memory_budget_gb`` and two timed passes, and logged).
             tol (`float`, defaults to `1e-3`): stop before ``iterations`` once every kept pair's residual is
                 ``<= tol × |λ_max|`` (0: run them all); the settings of `hf_influence.config.BasisConfig`.
             keep (`str`, defaults to `"magnitude"`): keep the pairs of largest |λ| or (``"largest"``) of largest λ.
+            block_size (`int`, *optional*): ``algorithm="block"`` only: the block width ``b`` (capped by ``memory_budget_gb``,
+                logged), so fits of the same data choose the same blocks whatever the timings; ``None`` chooses it.
             data_parallel (`bool`, defaults to `False`): every process calls this with the same ``hessian_data``
                 (torch.distributed initialised); each takes every ``world_size``-th Hessian batch, the products are
                 summed over processes, and all return the same basis. With one process it is the plain fit.
         """
-        config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm, tol, keep)
+        config = BasisConfig(rank, iterations, Curvature.HESSIAN.value, algorithm, tol, keep, block_size)
         if rank > self.selection.num_params:
             raise InvalidInputError(f"rank={rank} exceeds the {self.selection.num_params} selected parameters: lower rank.")
         self.check_data(**{"Hessian data": hessian_data})
@@ -65,25 +69,27 @@ class CurvatureMethods(ModelWiring):
         generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         params = self._params()
         like = torch.empty((), dtype=accumulation_dtype(params), device=self._device())
+        activations = self._hvp_activation_bytes(batches) if config.algorithm == Algorithm.BLOCK else None
         with eval_mode(self.model):
             hvp = PrefixReplay(self.train_loss, params, batches, self.memory_budget, across_processes=data_parallel).hvp
             pairs, products = fit_eigenpairs(hvp, self.selection.num_params, rank, iterations, Algorithm(config.algorithm), generator, like,
                                              self.memory_budget, across_processes=data_parallel, progress=self.progress,
-                                             tol=config.tol, keep=Keep(config.keep))
+                                             tol=config.tol, keep=Keep(config.keep), activation_bytes=activations,
+                                             block_size=config.block_size)
         return self._basis(pairs.eigenvalues, pairs.eigenvectors, products, "hessian", config.keep)
 
     @costed("fit_basis")
     def fit_basis(self, hessian_data: Any, rank: int = BasisConfig.rank, iterations: int = BasisConfig.iterations,
                   curvature: str = BasisConfig.curvature, algorithm: str = BasisConfig.algorithm, tol: float = BasisConfig.tol,
-                  keep: str = BasisConfig.keep, data_parallel: bool = False) -> ArnoldiBasis:
-        """:meth:`fit_arnoldi` (``curvature="hessian"``, with ``algorithm``, ``tol`` and ``keep``) or :meth:`fit_fisher`
-        (``"fisher"``; ``iterations``, ``algorithm`` and ``keep`` unused); the settings of `hf_influence.config.BasisConfig`,
+                  keep: str = BasisConfig.keep, data_parallel: bool = False, block_size: int | None = BasisConfig.block_size) -> ArnoldiBasis:
+        """:meth:`fit_arnoldi` (``curvature="hessian"``, with ``algorithm``, ``tol``, ``keep`` and ``block_size``) or :meth:`fit_fisher`
+        (``"fisher"``; ``iterations``, ``algorithm``, ``keep`` and ``block_size`` unused); the settings of `hf_influence.config.BasisConfig`,
         checked there. ``data_parallel=True``: every process calls this with the same data and gets the same basis."""
-        config = BasisConfig(rank, iterations, curvature, algorithm, tol, keep)
+        config = BasisConfig(rank, iterations, curvature, algorithm, tol, keep, block_size)
         if config.curvature == Curvature.FISHER:
             return self.fit_fisher(hessian_data, rank=config.rank, data_parallel=data_parallel)
         return self.fit_arnoldi(hessian_data, rank=config.rank, iterations=config.iterations, algorithm=config.algorithm,
-                                tol=config.tol, keep=config.keep, data_parallel=data_parallel)
+                                tol=config.tol, keep=config.keep, data_parallel=data_parallel, block_size=config.block_size)
 
     @refuses_autocast
     @costed("fit_fisher")
@@ -168,7 +174,9 @@ class CurvatureMethods(ModelWiring):
                 top, top_err, hvps = power_iteration(hvp, start, iterations)
                 extremes = {}
             estimator = hutchpp_trace if trace_estimator == "hutch++" else hutchinson_trace
-            trace, stderr = estimator(hvp, num, trace_matvecs, generator, dtype, device)
+            held = trace_blocks(trace_estimator, trace_matvecs)[1] * num * dtype.itemsize
+            probes = budgeted(hvp, num, dtype.itemsize, self._hvp_activation_bytes(batches), self.memory_budget - held, "Trace probes")
+            trace, stderr = estimator(probes, num, trace_matvecs, generator, dtype, device)
         return Spectrum(top, top_err, trace, stderr, hvps + trace_matvecs, **extremes)
 
     @refuses_autocast

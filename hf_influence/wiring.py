@@ -20,10 +20,11 @@ from .engine.hooks import hook_plan
 from .engine.hvp import dataset_hvp
 from .engine.hvp_memory import largest_batch, saved_activation_bytes
 from .engine.ihvp.arnoldi import ArnoldiBasis
-from .engine.kronecker import KroneckerMap, project_kronecker, subspace_hessian
+from .engine.kronecker import KroneckerMap, project_kronecker
 from .engine.norms import hook_squared_norms
 from .engine.projection import choose_projection, grads_chunk_size, project_by_grads, project_by_jvp
 from .engine.scoring import FeatureFn, SubspaceInverse, random_subspace
+from .engine.subspace_hessian import dense_subspace_hessian, kronecker_subspace_hessian
 from .inputs import check_examples, input_limits
 from .knn import IndexChecks
 from .params import select_parameters
@@ -194,20 +195,19 @@ class ModelWiring:
 
     def _hvp_activation_bytes(self, batches: list) -> int:
         """What the graph of a batched HVP saves on the largest of ``batches`` (one forward and backward of it, in eval mode;
-        `hf_influence.engine.hvp_memory`): the figure that sizes the Kronecker subspace passes and their estimate."""
+        `hf_influence.engine.hvp_memory`): the figure that sizes passes of batched HVPs and their estimate."""
         with eval_mode(self.model):
             return saved_activation_bytes(self.train_loss, self._params(), to_device(largest_batch(batches), self._device()))
 
     def _subspace_hessian(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> torch.Tensor:
-        """``QᵀHQ`` ``[p̄, p̄]`` over the Hessian rows (a Kronecker map's rows materialised in blocks within the budget)."""
+        """``QᵀHQ`` ``[p̄, p̄]`` over the Hessian rows, in passes of batched HVPs within the budget
+        (`hf_influence.engine.subspace_hessian`)."""
         params, batches = self._params(), self._materialize(hessian_data)
-        hvp = lambda v: dataset_hvp(self.train_loss, params, batches, v)  # noqa: E731
-        if isinstance(directions, KroneckerMap):
-            activations = self._hvp_activation_bytes(batches)
-            with eval_mode(self.model):
-                return subspace_hessian(directions, hvp, self.memory_budget, activations)
+        hvp = lambda v, per_backward=None: dataset_hvp(self.train_loss, params, batches, v, per_backward=per_backward)  # noqa: E731
+        activations = self._hvp_activation_bytes(batches)
+        subspace_hessian = kronecker_subspace_hessian if isinstance(directions, KroneckerMap) else dense_subspace_hessian
         with eval_mode(self.model):
-            return directions @ hvp(directions.T)  # [p̄, P] @ [P, p̄]
+            return subspace_hessian(directions, hvp, self.memory_budget, activations)
 
     def _subspace_inverse(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> SubspaceInverse:
         return SubspaceInverse(self._subspace_hessian(hessian_data, directions), self.damping)

@@ -14,7 +14,7 @@ import hf_influence as hfi
 from hf_influence import cost
 from hf_influence._utils.errors import InvalidInputError, MemoryBudgetError
 from hf_influence.engine import hvp as hvp_module
-from hf_influence.engine import kronecker
+from hf_influence.engine import hvp_memory
 from hf_influence.engine import prefix as prefix_module
 from hf_influence.engine.ihvp import block as block_module
 
@@ -152,7 +152,7 @@ def test_spectrum_and_random_projection_passes_equal_the_estimate(model, data, c
     assert counted["passes"] == estimate.passes == 5 + 3  # Lanczos, then Hutch++'s three blocks
     selection = {"params": [r"classifier", r"pooler"]}
     probe = hfi.Influence(model, **selection, progress=False)
-    pass_of_two = kronecker.subspace_pass_bytes(2, probe.selection.num_params, 4, probe._hvp_activation_bytes(probe._hessian_batches(data)))
+    pass_of_two = hvp_memory.pass_bytes(2, probe.selection.num_params, 4, probe._hvp_activation_bytes(probe._hessian_batches(data)))
     for kind, budget in (("dense", 2.0), ("kronecker", pass_of_two / 2**30)):  # the Kronecker map's rows two at a time
         counted["passes"] = 0
         inf = hfi.Influence(model, **selection, random_projection=kind, memory_budget_gb=budget, progress=False)

@@ -14,17 +14,31 @@ Measured with the allocator's own events (``torch.profiler`` memory records) on 
 8-32 rows, all parameters or the last layer), the bytes per vector were ``0.5-1.2 × A`` plus ``3-4 × P`` values, and
 the fixed part ``A + P`` values within 6%. Counted here: fixed ``A + P·d``, per vector ``A + 4·P·d`` (``d`` bytes
 per value), which was above every measurement. ``A`` itself is measured on a batch by :func:`saved_activation_bytes`.
+
+A pass over the Hessian data (:func:`hvp.dataset_hvp`) adds ``PASS_COPIES`` ``[P, k]`` buffers (the running sum, a batch's
+scaled product); :func:`pass_bytes` counts it all, and :func:`vectors_per_backward` takes fewer vectors per batched
+backward (``per_backward``: the graph of each batch is kept and walked back once per chunk, same numbers) when a pass
+of all k would exceed the budget. Every batched-HVP path sizes its blocks with these two functions, and so does its
+cost estimate (`hf_influence.cost`): the block Krylov fit, the trace probes of the spectrum, the dense and Kronecker
+random projections.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from transformers.utils import logging
 
 from ..data import Batch, batch_size_of
 from .grads import LossFunction, Params
 from .hvp import _only_selection_records
 
+HVP = Callable[..., torch.Tensor]  # ([P, k], per_backward=None) -> [P, k]
+
+logger = logging.get_logger(__name__)
 PER_VECTOR_COPIES = 4  # P-sized values per vector inside batch_hvp: the vector, its tangent, the product, the flat copy
+PASS_COPIES = 2  # [P, k] buffers of a pass over the Hessian data beside batch_hvp's: the running sum, a batch's scaled product
 
 
 def saved_activation_bytes(loss_fn: LossFunction, params: Params, batch: Batch) -> int:
@@ -64,3 +78,41 @@ def fixed_bytes(num_params: int, itemsize: int, activation_bytes: int) -> int:
 def per_vector_bytes(num_params: int, itemsize: int, activation_bytes: int) -> int:
     """Bytes a batched HVP holds per vector: the batched backward's gradients and the vector's P-sized copies."""
     return activation_bytes + PER_VECTOR_COPIES * num_params * itemsize
+
+
+def pass_bytes(vectors: int, num_params: int, itemsize: int, activation_bytes: int, per_backward: int | None = None) -> int:
+    """Bytes one pass of :func:`hvp.dataset_hvp` on ``vectors`` vectors holds beside the model and its inputs: the graph
+    once, at most ``per_backward`` vectors (default: all) in each batched backward, and the pass's ``[P, vectors]``
+    buffers (one more when the product is assembled from chunks)."""
+    chunk = vectors if per_backward is None else max(1, min(per_backward, vectors))
+    copies = PASS_COPIES + (chunk < vectors)
+    return (fixed_bytes(num_params, itemsize, activation_bytes) + chunk * per_vector_bytes(num_params, itemsize, activation_bytes)
+            + copies * vectors * num_params * itemsize)
+
+
+def vectors_per_backward(vectors: int, num_params: int, itemsize: int, activation_bytes: int, memory_budget: float) -> int:
+    """The most vectors (<= ``vectors``) per batched backward whose pass (:func:`pass_bytes`) fits ``memory_budget``
+    bytes; 1 when not even one does (the cost estimate refuses that call before it runs)."""
+    if pass_bytes(vectors, num_params, itemsize, activation_bytes) <= memory_budget:
+        return vectors
+    spare = memory_budget - pass_bytes(vectors, num_params, itemsize, activation_bytes, per_backward=1)
+    return int(max(1, min(vectors - 1, 1 + spare // per_vector_bytes(num_params, itemsize, activation_bytes))))
+
+
+def budgeted(hvp: HVP, num_params: int, itemsize: int, activation_bytes: int, memory_budget: float, what: str) -> Callable:
+    """``hvp`` (``(vectors, per_backward)`` → ``H V``) taking, on each call, as many vectors per batched backward as
+    :func:`vectors_per_backward` allows within ``memory_budget`` bytes; each new chunking is logged at INFO once."""
+    said: set[tuple[int, int]] = set()
+
+    def run(vectors: torch.Tensor) -> torch.Tensor:
+        count = vectors.shape[1]
+        chunk = vectors_per_backward(count, num_params, itemsize, activation_bytes, memory_budget)
+        if chunk < count and (count, chunk) not in said:
+            said.add((count, chunk))
+            logger.info(f"{what}: {count} vectors per pass, {chunk} per batched backward (a pass of all {count} would hold "
+                        f"{pass_bytes(count, num_params, itemsize, activation_bytes) / 2**20:,.1f} MiB, over the "
+                        f"{memory_budget / 2**20:,.1f} MiB left of memory_budget_gb; the graph's activations "
+                        f"{activation_bytes / 2**20:,.1f} MiB once and again per vector).")
+        return hvp(vectors, per_backward=chunk)
+
+    return run

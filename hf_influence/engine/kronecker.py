@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 from transformers.utils import logging
@@ -34,7 +33,6 @@ from transformers.utils import logging
 from ..data import Batch, batch_size_of
 from .grads import LossFunction, Params, accumulation_dtype
 from .hooks import _accumulate, _hooked_pass
-from .hvp_memory import fixed_bytes, per_vector_bytes
 from .projection import project_in_slices
 
 logger = logging.get_logger(__name__)
@@ -265,39 +263,3 @@ def project_kronecker(loss_fn: LossFunction, params: Params, batch: Batch, kmap:
     dtype = accumulation_dtype(params)
     return project_in_slices(loss_fn, params, batch, lambda grads: kmap.to(dtype).project({n: g.to(dtype) for n, g in grads.items()}),
                              lambda plan: hook_kronecker(loss_fn, batch, plan, kmap), chunk_size)
-
-
-SUBSPACE_COPIES = 2  # [P, c] buffers of a subspace pass beside batch_hvp's: the pass's running sum, a batch's scaled product
-
-
-def subspace_pass_bytes(rows: int, num_params: int, itemsize: int, activation_bytes: int) -> int:
-    """Bytes one Hessian pass of :func:`subspace_hessian` holds with ``rows`` map rows: a batched HVP of ``rows``
-    vectors (`hf_influence.engine.hvp_memory`: its graph's ``activation_bytes`` once, and again per vector) and the
-    pass's ``[P, rows]`` buffers."""
-    per_row = per_vector_bytes(num_params, itemsize, activation_bytes) + SUBSPACE_COPIES * num_params * itemsize
-    return fixed_bytes(num_params, itemsize, activation_bytes) + rows * per_row
-
-
-def subspace_rows_per_pass(rank: int, num_params: int, itemsize: int, memory_budget_bytes: float, activation_bytes: int) -> int:
-    """Rows of a Kronecker map materialised per Hessian pass of :func:`subspace_hessian`: as many as
-    :func:`subspace_pass_bytes` fits in the budget, at least 1, at most ``rank``."""
-    one = subspace_pass_bytes(1, num_params, itemsize, activation_bytes)
-    per_row = subspace_pass_bytes(2, num_params, itemsize, activation_bytes) - one
-    return int(max(1, min(rank, 1 + (memory_budget_bytes - one) // per_row)))
-
-
-def subspace_hessian(kmap: KroneckerMap, hvp: Callable[[torch.Tensor], torch.Tensor], memory_budget_bytes: float,
-                     activation_bytes: int) -> torch.Tensor:
-    """``ΦHΦᵀ`` ``[p̄, p̄]`` from ``hvp`` (``[P, c]`` → ``H`` times it), ``c`` rows of ``Φ`` materialised at a time, so
-    the pass holds at most ``memory_budget_bytes`` (:func:`subspace_rows_per_pass`; ``activation_bytes``: what the
-    largest Hessian batch's graph saves, `hf_influence.engine.hvp_memory.saved_activation_bytes`); each block of rows
-    costs one pass of Hessian-vector products over the Hessian rows."""
-    rank, num = kmap.shape
-    step = subspace_rows_per_pass(rank, num, kmap.dtype.itemsize, memory_budget_bytes, activation_bytes)
-    logger.info(f"Random projection (Kronecker map): the subspace Hessian takes {math.ceil(rank / step)} Hessian-vector pass(es) of "
-                f"{step} of the {rank} map rows (vectors per batched backward, chosen from memory_budget_gb="
-                f"{memory_budget_bytes / 2**30:g}): {subspace_pass_bytes(step, num, kmap.dtype.itemsize, activation_bytes) / 2**20:,.1f} "
-                f"MiB per pass, counting the activations saved on the largest Hessian batch ({activation_bytes / 2**20:,.1f} MiB) "
-                "once and again per row.")
-    rows = [(kmap @ hvp(kmap.dense_rows(start, min(start + step, rank)).T)).T for start in range(0, rank, step)]
-    return torch.cat(rows)  # rows of ΦHΦᵀ

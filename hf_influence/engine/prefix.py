@@ -11,7 +11,8 @@ embeddings feeding layer 0, ...) are replayed as shape-only stand-ins that hold 
 
 The replay is checked before use: the HVP of one batch with and without it must agree (twice, so an
 in-place change of a kept output shows) and replaying must not raise; if not, or if the kept outputs
-would exceed the memory budget, every pass runs the whole model as before.
+would exceed the memory budget, every pass runs the whole model as before. The prefix is found by
+`hf_influence.engine.frozen_prefix`.
 
 Data-parallel (``across_processes=True``): each process keeps and replays only its share of the
 batches (every ``world_size``-th), and the products are summed over processes (see
@@ -21,138 +22,19 @@ batches (every ``world_size``-th), and the products are summed over processes (s
 from __future__ import annotations
 
 import contextlib
-import itertools
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
 from transformers.utils import logging
 
 from .._utils import comm
 from ..data import Batch, batch_size_of, slice_batch
+from .frozen_prefix import prefix_modules, tensors_in
 from .grads import LossFunction, Params
 from .hvp import batch_hvp, dataset_hvp
 
 logger = logging.get_logger(__name__)
 _PROBE_ROWS = 2  # rows of the first batch that find the prefix and check the replay
-
-
-class PrefixModule(NamedTuple):
-    """A module of the frozen prefix, and whether its output is read once the selection is in use."""
-
-    module: nn.Module
-    read_later: bool  # kept and replayed; otherwise replayed as a shape-only stand-in (no memory)
-
-
-def prefix_modules(loss_fn: LossFunction, params: Params, batch: Batch) -> list[PrefixModule]:
-    """The largest modules whose every call ends before the first call of a module using a selected
-    parameter (found by one hooked forward of ``batch``); empty when the selection is used first.
-
-    A module uses the parameters it owns, and those of descendants never called themselves (a PEFT
-    ``lora.Embedding`` reads its ``lora_embedding_A`` ``ParameterDict``, which is never called). A second
-    forward finds which of the prefix modules' outputs are *read later*: used by any torch operation
-    that runs outside the prefix modules (the embeddings feed only layer 0: not read later; the
-    layer below the selection is)."""
-    model = loss_fn.module.model
-    clock, spans = itertools.count(), {}
-
-    def before(module: nn.Module, args: Any) -> None:
-        tick = next(clock)
-        spans.setdefault(module, [tick, tick])
-
-    def after(module: nn.Module, args: Any, output: Any) -> None:
-        spans[module][1] = next(clock)
-
-    with _hooked(model.modules(), before, after), torch.no_grad():
-        loss_fn(params, batch)
-    first_use = min((_first_call(model, name, spans) for name in loss_fn.selection.names), default=float("inf"))
-    if first_use == float("inf"):  # the loss never reached the selection: nothing to gain
-        return []
-    prefix = {m for m, (_, end) in spans.items() if end < first_use}
-    names = {m: name for name, m in model.named_modules() if m in prefix}
-    largest = [m for m, name in names.items() if not any(name.startswith(f"{other}.") for other in names.values())]
-    read = _read_later(loss_fn, params, batch, largest)
-    return [PrefixModule(m, index in read) for index, m in enumerate(largest)]
-
-
-def _first_call(model: nn.Module, parameter: str, spans: dict) -> float:
-    """When the forward first called the innermost called module holding ``parameter`` (``inf``: none was)."""
-    path = parameter.rpartition(".")[0]
-    while path and model.get_submodule(path) not in spans:
-        path = path.rpartition(".")[0]
-    module = model.get_submodule(path) if path else model
-    return spans[module][0] if module in spans else float("inf")
-
-
-# what a shape-only stand-in answers like the real tensor: reading these is not reading the data
-_METADATA = {"dtype", "shape", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_meta", "is_nested",
-             "size", "dim", "numel", "element_size", "is_floating_point", "is_complex", "get_device"}
-
-
-def _name(func: Callable) -> str:
-    owner = getattr(func, "__self__", None)  # a property getter is the descriptor's __get__
-    return getattr(owner, "__name__", "") if getattr(func, "__name__", "") == "__get__" else getattr(func, "__name__", "")
-
-
-class _ReadTracker(TorchFunctionMode):
-    """Notes which prefix modules' output tensors a torch operation outside every prefix module uses.
-
-    One tensor can be the output of several prefix modules: a module that returns its input (``nn.Identity``, an
-    eval-mode ``nn.Dropout``, e.g. the ``lora_dropout`` of a PEFT LoRA layer) passes on the tensor of the module
-    before it. A read marks every module that produced it, so neither is replayed as a stand-in."""
-
-    def __init__(self):
-        super().__init__()
-        self.produced: dict[int, set[int]] = {}  # id of an output tensor -> indices of the prefix modules returning it
-        self.alive: list[Any] = []  # the outputs, so their ids stay unique for the whole forward
-        self.depth, self.read = 0, set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.depth == 0 and _name(func) not in _METADATA:
-            for t in _tensors((args, kwargs)):
-                self.read.update(self.produced.get(id(t), ()))
-        return func(*args, **kwargs)
-
-
-def _read_later(loss_fn: LossFunction, params: Params, batch: Batch, modules: list[nn.Module]) -> set[int]:
-    tracker, index_of = _ReadTracker(), {m: i for i, m in enumerate(modules)}
-
-    def before(module: nn.Module, args: Any) -> None:
-        tracker.depth += 1
-
-    def after(module: nn.Module, args: Any, output: Any) -> None:
-        tracker.depth -= 1
-        for t in _tensors(output):
-            tracker.produced.setdefault(id(t), set()).add(index_of[module])
-        tracker.alive.append(output)
-
-    with _hooked(modules, before, after), torch.no_grad(), tracker:
-        loss_fn(params, batch)
-    return tracker.read
-
-
-@contextlib.contextmanager
-def _hooked(modules: Iterable[nn.Module], before: Callable, after: Callable) -> Iterator[None]:
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside nested tuples, lists and dicts (``ModelOutput`` included)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _stand_in(value: Any) -> Any:
@@ -170,7 +52,7 @@ def _stand_in(value: Any) -> Any:
 
 def _nbytes(value: Any) -> int:
     """Bytes of the distinct storages in ``value`` (a stand-in holds one element; a passed-on tensor counts once)."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(value)}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(value)}
     return sum(storages.values())
 
 
@@ -217,14 +99,15 @@ class PrefixReplay:
         """Whether HVP passes replay the prefix."""
         return bool(self.outputs)
 
-    def hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+    def hvp(self, vectors: torch.Tensor, per_backward: int | None = None) -> torch.Tensor:
         """``H V`` ``[P, k]`` over all batches (see :func:`dataset_hvp`), replaying the prefix when active.
 
-        A block of k columns shares each batch's forward and first backward (see :func:`batch_hvp`)."""
+        A block of k columns shares each batch's forward and first backward (see :func:`batch_hvp`), in batched
+        backwards of at most ``per_backward`` columns."""
         if not self.active:
-            return dataset_hvp(self.loss_fn, self.params, self.batches, vectors, self.across_processes)
+            return dataset_hvp(self.loss_fn, self.params, self.batches, vectors, self.across_processes, per_backward)
         with self._replaying():
-            return dataset_hvp(self.loss_fn, self.params, self._batches_in_replay(), vectors, self.across_processes)
+            return dataset_hvp(self.loss_fn, self.params, self._batches_in_replay(), vectors, self.across_processes, per_backward)
 
     def _batches_in_replay(self) -> Iterator[Batch]:
         for batch, outputs in zip(self.batches, self.outputs):

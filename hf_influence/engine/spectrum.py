@@ -3,7 +3,8 @@ eigenvalues, Hutchinson and Hutch++ (Meyer et al. 2021) for the trace, each with
 and its cost in HVPs.
 
 ``hvp(V)`` maps ``[P, k] -> [P, k]``: k HVPs in one pass over the Hessian data (``hvp.batch_hvp``
-shares each batch's forward and first backward among the columns). The trace estimators apply
+shares each batch's forward and first backward among the columns; `hf_influence.engine.hvp_memory` sizes how many go in
+one batched backward). The trace estimators apply
 their probes as blocks (Hutchinson: one block; Hutch++: three), so they cost one or three passes;
 Lanczos and power iteration need each product before the next, one vector per pass.
 """
@@ -69,6 +70,13 @@ def hutchpp_blocks(matvecs: int) -> tuple[int, int, int]:
     """Vectors in Hutch++'s three passes: the sketch, its projection (a third each), and the probes (the rest, >= 1)."""
     third = max(1, matvecs // 3)
     return third, third, max(1, matvecs - 2 * third)
+
+
+def trace_blocks(trace_estimator: str, matvecs: int) -> tuple[tuple[int, ...], int]:
+    """The vectors in each pass of the trace estimate, and how many P-sized vectors it holds at most beside a pass (the
+    sketch, probes and products): the figures its batched HVPs are sized from, at run time and in the cost estimate."""
+    blocks = hutchpp_blocks(matvecs) if trace_estimator == "hutch++" else (matvecs,)
+    return blocks, 2 * sum(blocks[-2:])
 
 
 def krylov_iteration(hvp: HVP, start: torch.Tensor, iterations: int, progress: bool = True, desc: str = "Krylov",

@@ -88,7 +88,7 @@ class InfluenceTrainerMixin:
         inf = self.get_influence(progress=not self.args.disable_tqdm and is_main_process(self.accelerator))
         basis = inf.fit_basis(self.get_influence_dataloader(self.get_hessian_dataset(dataset)), settings.rank, settings.iterations,
                               settings.curvature, settings.algorithm, settings.tol, settings.keep,
-                              data_parallel=self.accelerator.num_processes > 1)
+                              data_parallel=self.accelerator.num_processes > 1, block_size=settings.block_size)
         if is_main_process(self.accelerator):
             basis.save(basis_save_path(self._influence_root()))
         wait_for_everyone(self.accelerator)

@@ -8,7 +8,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import hf_influence as hfi
 from hf_influence._utils.errors import MemoryBudgetError
-from hf_influence.engine import kronecker
+from hf_influence.engine import hvp_memory
 from tests import utils
 
 RANK = 48  # at least one feature for each of the 41 tensors
@@ -60,7 +60,7 @@ def test_a_small_budget_takes_fewer_rows_per_pass_within_it_and_the_same_numbers
     whole = influence(model)
     kmap = whole._random_directions(RANK)
     activations = whole._hvp_activation_bytes(whole._hessian_batches(data))
-    budget = kronecker.subspace_pass_bytes(3, whole.selection.num_params, 8, activations)  # three rows per pass
+    budget = hvp_memory.pass_bytes(3, whole.selection.num_params, 8, activations)  # three rows per pass
     small = influence(model, budget / 2**30)
     estimate = small.estimate_cost("self_influence", data, method="randproj", rank=RANK)
     assert estimate.passes == RANK // 3 and estimate.fits
@@ -73,7 +73,7 @@ def test_a_small_budget_takes_fewer_rows_per_pass_within_it_and_the_same_numbers
 def test_a_budget_below_one_row_per_pass_is_refused_with_the_ways_out(model):
     data = utils.classification_dataset(16, seed=3)
     probe = influence(model)
-    one_row = kronecker.subspace_pass_bytes(1, probe.selection.num_params, 8, probe._hvp_activation_bytes(probe._hessian_batches(data)))
+    one_row = hvp_memory.pass_bytes(1, probe.selection.num_params, 8, probe._hvp_activation_bytes(probe._hessian_batches(data)))
     with pytest.raises(MemoryBudgetError, match="smaller hessian_batch_size") as refused:
         influence(model, 0.9 * one_row / 2**30).self_influence(data, method="randproj", rank=RANK)
     assert "batched HVP graph" in str(refused.value)

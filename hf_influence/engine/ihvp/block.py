@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from ..._utils import comm
 from ...config import Algorithm, Keep
-from ..hvp import pass_bytes
+from ..hvp_memory import budgeted, pass_bytes, vectors_per_backward
 from ..spectrum import krylov_iteration
 from .base import ConvergenceStop, RitzPairs, distill, log_residuals
 
@@ -39,12 +39,16 @@ _MAX_WIDTH = 64
 
 def fit_eigenpairs(hvp: HVP, num_params: int, rank: int, iterations: int, algorithm: Algorithm, generator: torch.Generator,
                    like: torch.Tensor, memory_budget: float, across_processes: bool = False, progress: bool = True,
-                   tol: float = 0.0, keep: Keep = Keep.MAGNITUDE) -> tuple[RitzPairs, int]:
+                   tol: float = 0.0, keep: Keep = Keep.MAGNITUDE, activation_bytes: int | None = None,
+                   block_size: int | None = None) -> tuple[RitzPairs, int]:
     """Top-``rank`` eigenpairs by |λ| (or λ: ``keep``) of the operator ``hvp`` at the accuracy of ``iterations`` Arnoldi
     steps, or fewer once they have converged to ``tol`` (``base.ConvergenceStop``): ``(pairs, products spent)``.
 
-    ``like`` gives dtype and device. With ``across_processes`` (every process calls with the same
-    seed), the block plan, the stop and the pairs are process 0's, broadcast, so every process runs the
+    ``like`` gives dtype and device. Block widths fit ``memory_budget`` (:func:`candidate_widths`); ``block_size`` fixes
+    the width (:func:`fixed_width`). ``activation_bytes``: what a batched HVP's graph saves on the largest Hessian batch
+    (`hf_influence.engine.hvp_memory`), for an ``hvp`` that takes ``per_backward`` (``None``: an operator without a
+    graph, e.g. Fisher products; only its P-sized buffers are counted). With ``across_processes`` (every process calls
+    with the same seed), the block plan, the stop and the pairs are process 0's, broadcast, so every process runs the
     same passes and returns the very same basis."""
     stop = ConvergenceStop(rank, tol, keep, across_processes)
     if algorithm is Algorithm.ARNOLDI:
@@ -52,12 +56,23 @@ def fit_eigenpairs(hvp: HVP, num_params: int, rank: int, iterations: int, algori
         basis, hessenberg = krylov_iteration(hvp, start, iterations, progress, desc="Arnoldi", stop=stop)
         cap = iterations
     else:
-        plan = plan_blocks(hvp, num_params, iterations, like, memory_budget)
+        d, graph = like.element_size(), activation_bytes or 0
+        if block_size is None:
+            plan = plan_blocks(hvp, num_params, iterations, like, memory_budget, graph)
+        else:
+            width = fixed_width(block_size, num_params, iterations, d, memory_budget, graph)
+            plan = BlockPlan(width, block_steps(iterations, width))
         if across_processes:  # timings differ between processes: follow process 0's plan
             plan = BlockPlan(*comm.broadcast(torch.tensor(plan, device=like.device)).tolist())
-        logger.info(f"Block Krylov fit: blocks of {plan.width} vectors (within memory_budget_gb={memory_budget / 2**30:g}: "
-                    f"{plan.width} × {num_params:,} parameters), at most {plan.steps} passes over the Hessian data instead of "
-                    f"{iterations}, {plan.width * plan.steps} products.")
+        left = memory_budget - krylov_bytes(plan.width, iterations, num_params, d)
+        chunk = vectors_per_backward(plan.width, num_params, d, graph, left)
+        logger.info(f"Block Krylov fit: blocks of {plan.width} vectors{'' if block_size is None else f' (block_size={block_size})'}, "
+                    f"{chunk} per batched backward (within memory_budget_gb={memory_budget / 2**30:g}: a pass holds "
+                    f"{pass_bytes(plan.width, num_params, d, graph, chunk) / 2**20:,.1f} MiB, the graph's activations "
+                    f"{graph / 2**20:,.1f} MiB once and again per vector, beside {plan.width * (plan.steps + 1)} × {num_params:,} Krylov "
+                    f"values), at most {plan.steps} passes over the Hessian data instead of {iterations}, {plan.width * plan.steps} products.")
+        if activation_bytes is not None:
+            hvp = budgeted(hvp, num_params, d, graph, left, "Block Krylov fit")
         start = torch.randn(num_params, plan.width, generator=generator, dtype=torch.float64).to(like)
         basis, hessenberg = block_krylov(hvp, start, plan.steps, generator, progress, desc="block Krylov", stop=stop)
         cap = plan.width * plan.steps
@@ -97,18 +112,36 @@ def block_steps(iterations: int, width: int) -> int:
     return iterations if width == 1 else math.ceil(iterations / math.sqrt(2 * width))
 
 
-def max_block_width(num_params: int, itemsize: int, memory_budget: float) -> int:
-    """Widest block whose pass buffers (``hvp.pass_bytes``) fit ``memory_budget`` bytes (>= 1)."""
-    return max(1, int(memory_budget // pass_bytes(1, num_params, itemsize)))
+def krylov_bytes(width: int, iterations: int, num_params: int, itemsize: int) -> int:
+    """The block Krylov vectors a fit of ``width`` holds for its whole run: ``(block_steps + 1) × width`` of P values."""
+    return (block_steps(iterations, width) + 1) * width * num_params * itemsize
 
 
-def candidate_widths(num_params: int, iterations: int, itemsize: int, memory_budget: float) -> list[int]:
-    """The block widths :func:`plan_blocks` chooses among: 1, and the powers of two up to 64 whose pass buffers and block
-    Krylov vectors (``(block_steps + 1) × b`` of them, held for the whole fit) fit the budget together."""
-    widest = min(max_block_width(num_params, itemsize, memory_budget), _MAX_WIDTH)
-    widths = [2**k for k in range(int(math.log2(widest)) + 1)]
-    held = {w: pass_bytes(w, num_params, itemsize) + (block_steps(iterations, w) + 1) * w * num_params * itemsize for w in widths}
-    return [w for w in widths if w == 1 or held[w] <= memory_budget]
+def candidate_widths(num_params: int, iterations: int, itemsize: int, memory_budget: float, activation_bytes: int = 0) -> list[int]:
+    """The block widths :func:`plan_blocks` chooses among: 1, and the powers of two up to 64 whose pass (every vector
+    in one batched backward, `hf_influence.engine.hvp_memory.pass_bytes`) and block Krylov vectors (held for the whole
+    fit) fit the budget together."""
+    def held(width: int) -> int:
+        return pass_bytes(width, num_params, itemsize, activation_bytes) + krylov_bytes(width, iterations, num_params, itemsize)
+
+    return [1] + [2**k for k in range(1, int(math.log2(_MAX_WIDTH)) + 1) if held(2**k) <= memory_budget]
+
+
+def fixed_width(block_size: int, num_params: int, iterations: int, itemsize: int, memory_budget: float, activation_bytes: int = 0) -> int:
+    """The width of a fit asked for ``block_size``: itself when its Krylov vectors and a pass taking one vector per batched
+    backward fit the budget (the pass then takes as many per backward as fit), else the widest that does, logged (>= 1)."""
+    def fits(width: int) -> bool:
+        held = pass_bytes(width, num_params, itemsize, activation_bytes, per_backward=1)
+        return held + krylov_bytes(width, iterations, num_params, itemsize) <= memory_budget
+
+    width = block_size
+    while width > 1 and not fits(width):
+        width -= 1
+    if width < block_size:
+        logger.info(f"Block Krylov fit: block_size={block_size} does not fit memory_budget_gb={memory_budget / 2**30:g} (its "
+                    f"{(block_steps(iterations, block_size) + 1) * block_size} Krylov vectors of {num_params:,} values and a pass); "
+                    f"blocks of {width} instead.")
+    return width
 
 
 def timing_widths(widths: list[int]) -> tuple[int, ...]:
@@ -116,11 +149,12 @@ def timing_widths(widths: list[int]) -> tuple[int, ...]:
     return () if widths[-1] == 1 else (1, min(_PROBE, widths[-1]))
 
 
-def plan_blocks(hvp: HVP, num_params: int, iterations: int, like: torch.Tensor, memory_budget: float) -> BlockPlan:
-    """The block width (a power of two within the memory budget) that minimises ``steps × (c0 + c1·b)``, with
-    the time per pass measured once with 1 and once with ``_PROBE`` vectors (c0: the forward and first
-    backward of every Hessian batch, c1: each product)."""
-    widths = candidate_widths(num_params, iterations, like.element_size(), memory_budget)
+def plan_blocks(hvp: HVP, num_params: int, iterations: int, like: torch.Tensor, memory_budget: float,
+                activation_bytes: int = 0) -> BlockPlan:
+    """The block width (a power of two within the memory budget: :func:`candidate_widths`) that minimises
+    ``steps × (c0 + c1·b)``, with the time per pass measured once with 1 and once with ``_PROBE`` vectors (c0: the
+    forward and first backward of every Hessian batch, c1: each product)."""
+    widths = candidate_widths(num_params, iterations, like.element_size(), memory_budget, activation_bytes)
     timed = timing_widths(widths)
     if not timed:
         return BlockPlan(1, iterations)

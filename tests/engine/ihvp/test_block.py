@@ -7,7 +7,7 @@ import torch
 from hf_influence._utils.errors import InvalidInputError
 from hf_influence.engine.ihvp.base import distill
 from hf_influence.engine.ihvp import block
-from hf_influence.engine.ihvp.block import BlockPlan, block_krylov, block_steps, max_block_width, plan_blocks
+from hf_influence.engine.ihvp.block import BlockPlan, block_krylov, block_steps, candidate_widths, fixed_width, plan_blocks
 from tests import utils
 
 RANK, ITERATIONS = 50, 100  # as test_arnoldi: the trained model's Hessian has ~100 non-negligible eigenvalues
@@ -47,8 +47,12 @@ def test_rank_deficient_blocks_are_refilled_and_the_relation_holds():
 
 
 def test_block_width_follows_the_memory_budget_and_the_pass_costs(monkeypatch):
-    assert max_block_width(10_000, itemsize=4, memory_budget=6 * 3 * 10_000 * 4) == 3  # 3 blocks' buffers fit
-    assert max_block_width(10_000, itemsize=4, memory_budget=1) == 1
+    # 100 fp64 values, 100 kB: a pass of b vectors holds 800 + b × 3,200 + 2 × b × 800 bytes, the fit (steps + 1) × b × 800
+    assert candidate_widths(100, 60, 8, 100_000) == [1, 2, 4]
+    assert candidate_widths(100, 60, 8, 100_000, activation_bytes=10_000) == [1, 2]  # the graph's 10 kB, again per vector
+    assert candidate_widths(100, 60, 8, 1) == [1]
+    assert fixed_width(8, 100, 60, 8, 2**30) == 8
+    assert fixed_width(8, 100, 60, 8, 100_000) == 5  # capped: 5 fit with one vector per backward (Krylov 13 × 5 × 800)
     assert [block_steps(60, w) for w in (1, 2, 8, 32)] == [60, 30, 15, 8]
     like = torch.zeros((), dtype=torch.float64)
 
@@ -64,7 +68,7 @@ def test_block_width_follows_the_memory_budget_and_the_pass_costs(monkeypatch):
 
     overhead = plan_blocks(timed(0.02, 0.0), 100, 60, like, memory_budget=2**30)  # a pass costs the same whatever its width
     assert overhead == BlockPlan(64, block_steps(60, 64))
-    # within 100 kB: blocks of 4 hold 6 pass buffers + 23 × 4 Krylov vectors of 100 fp64 values (92.8 kB); of 8, 140.8 kB
+    # within 100 kB: blocks of 4 hold a pass (20 kB) + 23 × 4 Krylov vectors of 100 fp64 values (93.6 kB); of 8, 141.6 kB
     assert plan_blocks(timed(0.02, 0.0), 100, 60, like, memory_budget=100_000) == BlockPlan(4, block_steps(60, 4))
     # products dominate (a pass's own cost is small): pairs are the widest block that spends no more products than Arnoldi (60), in half the passes
     assert plan_blocks(timed(0.0005, 0.01), 100, 60, like, memory_budget=2**30) == BlockPlan(2, 30)
