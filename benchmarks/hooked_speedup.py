@@ -5,7 +5,7 @@
 On the model of ``benchmarks/throughput.py`` (tiny BERT, hidden 128, 2 layers, all 686k parameters, batch 32, seq_len 64,
 Arnoldi rank 20) this times, per batch of 32 rows: the training step (forward + backward + AdamW), the Arnoldi projection
 of the hooked pass (``engine/projection.hook_projections``) and the TracIn squared norms (``engine/norms``), each by this
-checkout and by ``--old``'s ``engine/hooks.py`` / ``engine/norms.py`` (read with ``git show``, loaded beside the package),
+checkout and by ``--old``'s ``engine/hooks.py`` / ``engine/norms.py`` (and ``projection.py``; read with ``git show``, loaded beside the package),
 and prints the medians, each side's ratio to the training step and the speed-up, plus the largest gap between the two
 sides' features. Data loading is left out (both paths share it); ``throughput.py`` measures end to end.
 """
@@ -37,9 +37,9 @@ from throughput import build, time_training  # noqa: E402
 
 
 def load_old(revision: str, folder: str) -> tuple:
-    """``--old``'s ``hooks`` and ``norms`` modules, loaded as ``hf_influence.engine.old_hooks`` / ``old_norms``."""
+    """``--old``'s ``hooks``, ``norms`` and ``projection`` modules, loaded as ``hf_influence.engine.old_hooks`` etc."""
     modules = []
-    for name in ("hooks", "norms"):
+    for name in ("hooks", "norms", "projection"):
         text = subprocess.run(["git", "show", f"{revision}:hf_influence/engine/{name}.py"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout
         path = Path(folder, f"old_{name}.py")
@@ -64,11 +64,15 @@ def main() -> None:
     inf = hfi.Influence(scored, batch_size=args.batch_size, progress=False)
     basis = inf.fit_arnoldi(data.select(range(args.batch_size)), rank=20, iterations=40).eigenvectors
     with tempfile.TemporaryDirectory() as folder:
-        old_hooks, old_norms = load_old(cli.old, folder)
+        old_hooks, old_norms, old_projection = load_old(cli.old, folder)
+        if hasattr(old_hooks, "hook_projections"):  # before the sink moved to projection.py (its basis copy on: True)
+            old_project = lambda b: old_hooks.hook_projections(loss["old"], b, plan, basis, True)  # noqa: E731
+        else:
+            old_project = lambda b: old_projection.hook_projections(loss["old"], b, plan, basis, inf.memory_budget)  # noqa: E731
         loss = {side: LossFunction(scored, infer_task(scored), inf.selection) for side in ("old", "new")}
         plan = hooks.hook_plan(loss["new"], inf._params())
         sides = {
-            "arnoldi, old": lambda b: old_hooks.hook_projections(loss["old"], b, plan, basis, True),
+            "arnoldi, old": old_project,
             "arnoldi, new": lambda b: projection.hook_projections(loss["new"], b, plan, basis, inf.memory_budget),
             "tracin, old": lambda b: old_norms.hook_squared_norms(loss["old"], b, plan),
             "tracin, new": lambda b: norms.hook_squared_norms(loss["new"], b, plan),

@@ -176,15 +176,12 @@ def _drop_silent_tokens(inputs: torch.Tensor, out_grad: torch.Tensor) -> tuple[t
         return inputs, out_grad
     size = out_grad.shape[0]
     g = out_grad.reshape(size, -1, out_grad.shape[-1])  # [B, T, out]
-    maybe = (g[:, :, 0] == 0).all(dim=0).nonzero().squeeze(1)  # [n] positions
-    if maybe.numel() == 0:
+    if not bool((g[:, :, 0] == 0).all(dim=0).any()):
         return inputs, out_grad
-    silent = maybe[g.index_select(1, maybe).abs().amax(dim=(0, 2)) == 0]
-    if silent.numel() == 0:
+    silent = ((g.amax(dim=2) == 0) & (g.amin(dim=2) == 0)).all(dim=0)  # [T]; reductions along rows, no copy of g
+    if not bool(silent.any()):
         return inputs, out_grad
-    keep = torch.ones(g.shape[1], dtype=torch.bool, device=g.device)
-    keep[silent] = False
-    kept = keep.nonzero().squeeze(1)
+    kept = (~silent).nonzero().squeeze(1)
     return inputs.reshape(size, -1, inputs.shape[-1]).index_select(1, kept), g.index_select(1, kept)
 
 
