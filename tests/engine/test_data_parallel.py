@@ -1,7 +1,5 @@
 """Data-parallel fits: 2 processes (gloo, torch.multiprocessing) give the 1-process basis, spectrum and Fisher."""
 
-from unittest import mock
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,18 +8,18 @@ import torch.multiprocessing as mp
 import hf_influence as hfi
 from hf_influence._utils import comm
 from hf_influence._utils.errors import InvalidInputError
-from hf_influence.engine.ihvp.block import BlockPlan
+from hf_influence.engine.ihvp.block import block_steps
 from tests import utils
 
 EIGENVALUE_RTOL = 1e-6  # 2 processes vs 1, fp64: the same products summed in another order
 VECTOR_ATOL = 1e-6  # eigenvectors (each process sums its batches, then the all-reduce adds the two)
-RANK, ITERATIONS = 8, 24
+RANK, ITERATIONS, BLOCK_SIZE = 8, 24, 4
 STOP_TOL = 1e-2  # the Arnoldi fit stops on converged Ritz pairs before ITERATIONS: every process at the same step
 
 
 def fits(inf: hfi.Influence, train, data_parallel: bool) -> dict[str, torch.Tensor]:
-    with mock.patch("hf_influence.engine.ihvp.block.plan_blocks", return_value=BlockPlan(4, 6)):  # not from timings
-        block = inf.fit_arnoldi(train, rank=RANK, iterations=ITERATIONS, algorithm="block", data_parallel=data_parallel)
+    # a fixed width (BasisConfig.block_size), not one chosen from each run's timings
+    block = inf.fit_arnoldi(train, rank=RANK, iterations=ITERATIONS, algorithm="block", block_size=BLOCK_SIZE, tol=0, data_parallel=data_parallel)
     arnoldi = inf.fit_arnoldi(train, rank=RANK, iterations=ITERATIONS, algorithm="arnoldi", tol=STOP_TOL, data_parallel=data_parallel)
     fisher = inf.fit_fisher(train, rank=RANK, data_parallel=data_parallel)
     spectrum = inf.spectrum(train, iterations=10, trace_matvecs=9, data_parallel=data_parallel)
@@ -77,6 +75,7 @@ def test_two_processes_give_the_one_process_basis(two_and_one):
     for name in ("block_values", "block_vectors", "fisher_vectors", "products"):  # every process holds the very same basis
         assert torch.equal(ranks[0][name], ranks[1][name])
     assert ranks[0]["products"].tolist() == single["products"].tolist() and single["products"][1] < ITERATIONS
+    assert single["products"][0] == BLOCK_SIZE * block_steps(ITERATIONS, BLOCK_SIZE)  # blocks of block_size, every pass run
 
 
 def test_processes_with_different_data_are_refused(two_and_one):

@@ -35,6 +35,7 @@ HVP = Callable[[torch.Tensor], torch.Tensor]  # [P, b] -> [P, b]
 _DEFLATION = 1e-10  # a direction whose norm after orthogonalisation is below this (relative) is dropped
 _PROBE = 8  # vectors in the timed pass that sizes the block
 _MAX_WIDTH = 64
+ORTHOGONALISATION_BLOCKS = 4  # [P, b] blocks a block Krylov step holds after its pass: the product, w, Q·coeffs, the SVD's U
 
 
 def fit_eigenpairs(hvp: HVP, num_params: int, rank: int, iterations: int, algorithm: Algorithm, generator: torch.Generator,
@@ -117,12 +118,19 @@ def krylov_bytes(width: int, iterations: int, num_params: int, itemsize: int) ->
     return (block_steps(iterations, width) + 1) * width * num_params * itemsize
 
 
+def step_bytes(width: int, num_params: int, itemsize: int, activation_bytes: int, per_backward: int | None = None) -> int:
+    """Bytes a step of :func:`block_krylov` holds beside its Krylov vectors: its pass of batched HVPs
+    (`hf_influence.engine.hvp_memory.pass_bytes`), then the orthogonalisation's ``[P, b]`` blocks, whichever is larger."""
+    orthogonalisation = ORTHOGONALISATION_BLOCKS * width * num_params * itemsize
+    return max(pass_bytes(width, num_params, itemsize, activation_bytes, per_backward), orthogonalisation)
+
+
 def candidate_widths(num_params: int, iterations: int, itemsize: int, memory_budget: float, activation_bytes: int = 0) -> list[int]:
-    """The block widths :func:`plan_blocks` chooses among: 1, and the powers of two up to 64 whose pass (every vector
-    in one batched backward, `hf_influence.engine.hvp_memory.pass_bytes`) and block Krylov vectors (held for the whole
-    fit) fit the budget together."""
+    """The block widths :func:`plan_blocks` chooses among: 1, and the powers of two up to 64 whose step (a pass with every
+    vector in one batched backward: :func:`step_bytes`) and block Krylov vectors (held for the whole fit) fit the budget
+    together."""
     def held(width: int) -> int:
-        return pass_bytes(width, num_params, itemsize, activation_bytes) + krylov_bytes(width, iterations, num_params, itemsize)
+        return step_bytes(width, num_params, itemsize, activation_bytes) + krylov_bytes(width, iterations, num_params, itemsize)
 
     return [1] + [2**k for k in range(1, int(math.log2(_MAX_WIDTH)) + 1) if held(2**k) <= memory_budget]
 
@@ -131,7 +139,7 @@ def fixed_width(block_size: int, num_params: int, iterations: int, itemsize: int
     """The width of a fit asked for ``block_size``: itself when its Krylov vectors and a pass taking one vector per batched
     backward fit the budget (the pass then takes as many per backward as fit), else the widest that does, logged (>= 1)."""
     def fits(width: int) -> bool:
-        held = pass_bytes(width, num_params, itemsize, activation_bytes, per_backward=1)
+        held = step_bytes(width, num_params, itemsize, activation_bytes, per_backward=1)
         return held + krylov_bytes(width, iterations, num_params, itemsize) <= memory_budget
 
     width = block_size
@@ -200,10 +208,12 @@ def block_krylov(hvp: HVP, start: torch.Tensor, steps: int, generator: torch.Gen
             hessenberg[:filled, cols] += coeffs
         scale = hessenberg[:filled, cols].norm().clamp_min(1e-30)
         following, tail, complete = _next_block(w, stacked, scale, generator)
+        del product, w  # not held through the next pass (``step_bytes``)
         hessenberg[filled : filled + width, cols] = tail
         if complete:
             return basis[:filled], hessenberg[:filled, :filled]  # square: no residual left
         basis[filled : filled + width] = following.T
+        del following
         if stop is not None and step + 1 < steps and stop(hessenberg[: filled + width, :filled]):
             return basis[: filled + width], hessenberg[: filled + width, :filled]
     return basis, hessenberg
