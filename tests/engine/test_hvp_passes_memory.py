@@ -8,6 +8,7 @@ import torch
 
 import hf_influence as hfi
 from hf_influence._utils.errors import MemoryBudgetError
+from hf_influence.data import PaddingCollator
 from hf_influence.engine import hvp as hvp_module
 from hf_influence.engine import hvp_memory
 from hf_influence.engine.ihvp.block import block_steps, krylov_bytes
@@ -138,7 +139,19 @@ def test_dense_random_projection_chunks_within_a_small_budget_with_the_same_subs
     num, graph = whole.selection.num_params, activations(whole, data)
     budget = rank * num * 8 + hvp_memory.pass_bytes(rank, num, 8, graph, per_backward=5)  # the directions and a pass of 5 per backward
     small = influence(model, budget / 2**30)
+    estimate = small.estimate_cost("self_influence", data, method="randproj", rank=rank)
+    counted = sum(part.nbytes for part in estimate.memory if "random subspace" in part.what)  # the directions and their pass
     widths["backward"].clear()
     chunked, measured = peak_allocated(lambda: small._subspace_hessian(data, directions))
-    assert widths["backward"] == [5, 5, 2] and measured <= budget
+    assert widths["backward"] == [5, 5, 2] and measured <= counted <= budget
     torch.testing.assert_close(chunked, expected, rtol=SAME_RTOL, atol=SAME_RTOL * float(expected.abs().max()))
+
+
+def test_the_trainer_fits_with_its_block_size(trained_bert, tmp_path, widths):
+    model, train, _ = trained_bert
+    args = hfi.InfluenceTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                                          influence_last_n_layers=1, influence_rank=2, influence_iterations=12, influence_tol=0,
+                                          influence_algorithm="block", influence_block_size=3, influence_hessian_examples=8)
+    trainer = hfi.InfluenceTrainer(model=model, args=args, train_dataset=train, data_collator=PaddingCollator())
+    basis = trainer.fit_influence()
+    assert widths["pass"] == [3] * block_steps(12, 3) and basis.iterations == 3 * block_steps(12, 3)
