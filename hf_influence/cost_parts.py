@@ -103,7 +103,7 @@ class CostParts:
         graph = operator == "HVP"
         activations = self.activations() if graph else 0
         if block_size is not None:
-            width = fixed_width(block_size, self.P, iterations, self.d, self.budget, activations)
+            width = fixed_width(block_size, self.P, iterations, self.d, self.budget, activations, log=False)
             widths, timed = [width], ()
         else:
             widths = candidate_widths(self.P, iterations, self.d, self.budget, activations)

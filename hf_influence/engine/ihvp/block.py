@@ -135,9 +135,11 @@ def candidate_widths(num_params: int, iterations: int, itemsize: int, memory_bud
     return [1] + [2**k for k in range(1, int(math.log2(_MAX_WIDTH)) + 1) if held(2**k) <= memory_budget]
 
 
-def fixed_width(block_size: int, num_params: int, iterations: int, itemsize: int, memory_budget: float, activation_bytes: int = 0) -> int:
+def fixed_width(block_size: int, num_params: int, iterations: int, itemsize: int, memory_budget: float, activation_bytes: int = 0,
+                log: bool = True) -> int:
     """The width of a fit asked for ``block_size``: itself when its Krylov vectors and a pass taking one vector per batched
-    backward fit the budget (the pass then takes as many per backward as fit), else the widest that does, logged (>= 1)."""
+    backward fit the budget (the pass then takes as many per backward as fit), else the widest that does, logged unless
+    ``log=False`` (>= 1)."""
     def fits(width: int) -> bool:
         held = step_bytes(width, num_params, itemsize, activation_bytes, per_backward=1)
         return held + krylov_bytes(width, iterations, num_params, itemsize) <= memory_budget
@@ -145,7 +147,7 @@ def fixed_width(block_size: int, num_params: int, iterations: int, itemsize: int
     width = block_size
     while width > 1 and not fits(width):
         width -= 1
-    if width < block_size:
+    if width < block_size and log:
         logger.info(f"Block Krylov fit: block_size={block_size} does not fit memory_budget_gb={memory_budget / 2**30:g} (its "
                     f"{(block_steps(iterations, block_size) + 1) * block_size} Krylov vectors of {num_params:,} values and a pass); "
                     f"blocks of {width} instead.")
