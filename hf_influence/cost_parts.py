@@ -177,9 +177,13 @@ class CostParts:
         if mode == "jvp":
             self.fields["grads"] = f"none formed: forward-mode JVPs along the {rank} directions"
         else:  # the engine's rules: vmap gradients in chunks within the budget; hooks copy the embedding tables where they fit
-            chunk = grads_chunk_size(self.P, self.B, self.budget)
-            self.gradients(chunk, f"projected {chunk} examples at a time; once hooks pass their first-batch check, module by module")
             plan = hook_plan(self.owner.train_loss, self.owner._params())
+            if plan is not None and hooks_by_default(self.owner._dtype()):  # the engine's rule: project_in_slices
+                self.gradients(2 * min(self.B, HOOK_CHECK_ROWS), f"hooks' and vmap's for {HOOK_CHECK_ROWS} rows of the first batch "
+                                                                 "(the hooks check); then projected module by module in the hooked pass")
+            else:
+                chunk = grads_chunk_size(self.P, self.B, self.budget)
+                self.gradients(chunk, f"projected {chunk} examples at a time (vmap)")
             tables = sum(embedding_tables(plan).values()) if plan is not None else 0
             if 0 < rank * tables * self.d <= self.budget:
                 self.hold(f"the embedding tables' transposed copy [{rank}, {tables:,}] (hooks)", "working", rank * tables / self.P, "")
