@@ -195,9 +195,15 @@ class ModelWiring:
 
     def _hvp_activation_bytes(self, batches: list) -> int:
         """What the graph of a batched HVP saves on the largest of ``batches`` (one forward and backward of it, in eval mode;
-        `hf_influence.engine.hvp_memory`): the figure that sizes passes of batched HVPs and their estimate."""
-        with eval_mode(self.model):
-            return saved_activation_bytes(self.train_loss, self._params(), to_device(largest_batch(batches), self._device()))
+        `hf_influence.engine.hvp_memory`): the figure that sizes passes of batched HVPs and their estimate. Measured once
+        per batch shape, so a call and its cost estimate share one measurement."""
+        batch = largest_batch(batches)
+        shape = tuple((key, tuple(value.shape)) for key, value in batch.items() if isinstance(value, torch.Tensor))
+        measured = self.__dict__.setdefault("_activation_bytes", {})
+        if shape not in measured:
+            with eval_mode(self.model):
+                measured[shape] = saved_activation_bytes(self.train_loss, self._params(), to_device(batch, self._device()))
+        return measured[shape]
 
     def _subspace_hessian(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> torch.Tensor:
         """``QᵀHQ`` ``[p̄, p̄]`` over the Hessian rows, in passes of batched HVPs within the budget

@@ -49,7 +49,7 @@ class LossFunction:
         self.mask_kind = getattr(task, "mask_kind", None)
         self.vmap_ok: bool | None = None  # learnt on first use: can this model run under vmap?
         self.hooks_ok: bool | None = None  # learnt on first use: do module hooks give vmap's gradients?
-        self.projection_columns: list = [None, None, None]  # hooks: the last basis seen, (its version, layout), its pieces
+        self.projection_columns: list = [None, None, None]  # hooks: the last directions seen, (their version, dtype, tables), (views, table copies)
 
     def __call__(self, params: Params, batch: Batch) -> torch.Tensor:
         renamed = {f"model.{k}": v for k, v in params.items()}
