@@ -27,7 +27,7 @@ from .tasks import load_metric
 LISSA_MAX_REPEATS = 2
 VALIDATION_INFLUENCE = "validation influence"
 # settings that change no ranking (they act after it): a rerun that changes only these reuses the saved rankings
-_AFTER_RANKING = ("filter_fraction", "filter_methods", "retrain_seeds", "output_dir", "card_dir", "run_name")
+_AFTER_RANKING = ("filter_fraction", "filter_methods", "ceiling_arm", "retrain_seeds", "output_dir", "card_dir", "run_name")
 
 
 class Timer:

@@ -30,14 +30,26 @@ def _number(value: float | None, digits: int = 3) -> str:
 def filtering_rows(run: dict) -> list[str]:
     """The filtering table of ``results.md`` (the model card renders the same figures from its template)."""
     name = run["quality_name"]
-    lines = [f"| filtered by | AUC | AP | precision@k | {name} mean ± sd | runs | vs noisy: Δ, p | vs loss filter: Δ, p | recovered |",
-             "|---|---:|---:|---:|---:|---:|---|---|---:|"]
+    lines = [f"| filtered by | AUC | AP | precision@k | {name} mean ± sd | runs | vs noisy: Δ, p | vs loss filter: Δ, p | recovered | of ceiling |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for arm, row in run["filtering"].items():
-        tests = [f"{row[k]['mean_difference']:+.4f}, p={_number(row[k]['p'], 3)}" if row[k] else "-" for k in ("vs_noisy", "vs_loss")]
-        recovered = "n/a" if row["recovered"] is None else f"{row['recovered']:.0%}"
+        tests = [_test(row[k]) for k in ("vs_noisy", "vs_loss")]
         lines.append(f"| {row['ranking']} | {row['auc']:.3f} | {row['ap']:.3f} | {row['precision_at_k']:.3f} | {row['mean']:.4f} ± "
-                     f"{_number(row['sd'], 4)} | {row['runs']} | {tests[0]} | {tests[1]} | {recovered} |")
+                     f"{_number(row['sd'], 4)} | {row['runs']} | {tests[0]} | {tests[1]} | {_share(row['recovered'])} | "
+                     f"{_share(row.get('of_ceiling'))} |")
+    ceiling = run.get("ceiling")
+    if ceiling:
+        lines.append(f"| (ceiling: exactly the corrupted rows removed) | 1 | 1 | 1 | {ceiling['mean']:.4f} ± {_number(ceiling['sd'], 4)} | "
+                     f"{ceiling['runs']} | {_test(ceiling['vs_noisy'])} | - | {_share(ceiling['recovered'])} | 100% |")
     return lines
+
+
+def _test(test: dict | None) -> str:
+    return f"{test['mean_difference']:+.4f}, p={_number(test['p'], 3)}" if test else "-"
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def markdown(run: dict) -> str:

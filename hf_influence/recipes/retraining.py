@@ -22,7 +22,7 @@ from .._utils.io import read_json_artifact, write_json_artifact
 from ..outputs import ROW_INDEX
 
 # settings that change no training run: influence settings, and what happens after training
-_NOT_TRAINING = ("filter_fraction", "filter_methods", "retrain_seeds", "last_n_layers", "params", "damping", "ranks", "iterations",
+_NOT_TRAINING = ("filter_fraction", "filter_methods", "ceiling_arm", "retrain_seeds", "last_n_layers", "params", "damping", "ranks", "iterations",
                  "hessian_examples", "influence_batch_size", "memory_budget_gb", "shard_size", "baselines", "lissa_subset", "output_dir",
                  "card_dir", "run_name")
 

@@ -4,8 +4,9 @@ The shape of Schioppa et al. (2023): synthetic noise with known rows (flipped NL
 translation references), noise-detection AUC / AP / precision@k of every ranking side by side (random,
 loss or perplexity, TracIn, random projection, the empirical Fisher's eigenbasis, Arnoldi at several p̄,
 LiSSA on a subset, validation influence), then the test quality of models trained on the clean, the
-noisy and each filtered training set (``filter_methods``), ``retrain_seeds`` runs each on the same seeds,
-with paired tests against the noisy arm and the loss-filtered arm. Writes under ``output_dir``:
+noisy and each filtered training set (``filter_methods``) and, with ``ceiling_arm``, the training set without exactly the
+corrupted rows (the most removal can win back), ``retrain_seeds`` runs each on the same seeds, with paired tests against
+the noisy arm and the loss-filtered arm. Writes under ``output_dir``:
 ``noise.json``, ``rankings.safetensors`` and ``runs/`` (what a rerun resumes from), ``results.json``,
 ``results.md``, the model card (``README.md``) and the first filter's training set with its card
 (``filtered_dataset/``); ``card_dir`` gets copies of both cards.
@@ -31,7 +32,7 @@ from .rankings import (Timer, compute_rankings, detection_table, load_rankings, 
                        save_rankings)
 from .report import command_line, write_outputs
 from .retraining import say, train_once
-from .statistics import filtering_summary
+from .statistics import CEILING_ARM, ceiling_summary, filtering_summary
 from .tasks import RECIPE_TASKS
 
 __all__ = ["RecipeArguments", "run_recipe"]
@@ -113,9 +114,11 @@ def run_recipe(args: RecipeArguments) -> dict:
         say(f"      {name:34s} AUC {row['auc']:.3f}  AP {row['ap']:.3f}  P@k {row['precision_at_k']:.3f}  {row['seconds']:.1f}s")
 
     filtered = _filtered_sets(noisy, scores, is_noisy, args, recipe.loss_name)
-    say(f"[3/4] training clean, noisy and {len(filtered)} filtered arm(s), {args.retrain_seeds} seed(s) each: "
+    say(f"[3/4] training clean, noisy, {'the corruption removed, ' if args.ceiling_arm else ''}and {len(filtered)} filtered arm(s), "
+        f"{args.retrain_seeds} seed(s) each: "
         + "; ".join(f"{arm}: {f['removed']} removed, {f['removed_noisy']} corrupted" for arm, f in filtered.items()))
-    quality = _train_arms(recipe, {"clean": clean, "noisy": noisy, **{arm: f["data"] for arm, f in filtered.items()}}, test_set, args)
+    ceiling = {CEILING_ARM: noisy.select([i for i, corrupted in enumerate(is_noisy) if not corrupted])} if args.ceiling_arm else {}
+    quality = _train_arms(recipe, {"clean": clean, "noisy": noisy, **ceiling, **{arm: f["data"] for arm, f in filtered.items()}}, test_set, args)
     loss_arm = next((arm for arm, f in filtered.items() if f["method"] == "loss"), None)
     filtering = filtering_summary(quality, {arm: f["ranking"] for arm, f in filtered.items()}, detection, loss_arm)
     for arm, f in filtered.items():
@@ -141,7 +144,8 @@ def _results(args, recipe, record, train, test, detection, quality, filtering, f
         "test_name": f"{args.dataset} test" if not args.test_dir else "WMT21 newstest", "num_train": len(train), "num_test": len(test),
         "noise": dataclasses.asdict(record), "filter_method": first["ranking"], "filter_fraction": args.filter_fraction,
         "removed": first["removed"], "removed_noisy": int(first["removed_noisy"]), "kept": len(first["data"]),
-        "detection": detection, "quality": quality, "filtering": filtering, "quality_name": recipe.quality_name,
+        "detection": detection, "quality": quality, "filtering": filtering, "ceiling": ceiling_summary(quality),
+        "quality_name": recipe.quality_name,
         "versions": library_versions(), "seeds": list(range(args.seed, args.seed + args.retrain_seeds)),
         "settings": {k: v for k, v in dataclasses.asdict(args).items() if k not in ("output_dir", "card_dir", "run_name")},
         "languages": [args.source_lang, args.target_lang] if args.task == "translation" else ["en"],

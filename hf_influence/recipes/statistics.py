@@ -12,6 +12,7 @@ import statistics
 
 from scipy import stats
 
+CEILING_ARM = "corruption removed"  # the arm trained without exactly the corrupted rows: what removal can win back at most
 CONSTANT_SD = 1e-12  # differences whose sd is below this are constant up to rounding (quality figures are in [0, 100])
 
 
@@ -44,10 +45,12 @@ def recovered_share(clean: list[float], noisy: list[float], filtered: list[float
 
 def filtering_summary(quality: dict[str, list[float]], arms: dict[str, str], detection: dict[str, dict], loss_arm: str | None) -> dict[str, dict]:
     """One row per filtered arm: its ranking's detection figures, rows removed, quality mean ± sd, the paired tests against
-    the noisy arm and against the loss-filtered arm (when there is one), and the recovered share.
+    the noisy arm and against the loss-filtered arm (when there is one), the recovered share, and, when ``quality`` holds
+    the :data:`CEILING_ARM`, the share of the ceiling's gain over noisy that the filter won (``of_ceiling``).
 
     Args:
-        quality (`dict[str, list[float]]`): per arm, the quality of each seed's run (``"clean"``, ``"noisy"`` and the filtered arms).
+        quality (`dict[str, list[float]]`): per arm, the quality of each seed's run (``"clean"``, ``"noisy"``, the filtered
+            arms and optionally :data:`CEILING_ARM`).
         arms (`dict[str, str]`): filtered arm -> the detection-table name of the ranking that filtered it.
         detection (`dict[str, dict]`): the detection table (``auc``, ``ap``, ``precision_at_k`` per ranking).
         loss_arm (`str`, *optional*): the arm filtered by the loss ranking, the baseline every other filter is tested against.
@@ -61,8 +64,18 @@ def filtering_summary(quality: dict[str, list[float]], arms: dict[str, str], det
             "vs_noisy": paired_test(runs, quality["noisy"]),
             "vs_loss": paired_test(runs, quality[loss_arm]) if loss_arm and arm != loss_arm else None,
             "recovered": recovered_share(quality["clean"], quality["noisy"], runs),
+            "of_ceiling": recovered_share(quality[CEILING_ARM], quality["noisy"], runs) if CEILING_ARM in quality else None,
         }
     return summary
+
+
+def ceiling_summary(quality: dict[str, list[float]]) -> dict | None:
+    """The :data:`CEILING_ARM`'s quality mean ± sd, its paired test against noisy and its recovered share (``None`` without it)."""
+    if CEILING_ARM not in quality:
+        return None
+    runs = quality[CEILING_ARM]
+    return {"mean": _mean(runs), "sd": statistics.stdev(runs) if len(runs) >= 2 else None, "runs": len(runs),
+            "vs_noisy": paired_test(runs, quality["noisy"]), "recovered": recovered_share(quality["clean"], quality["noisy"], runs)}
 
 
 def _mean(values: list[float]) -> float:

@@ -14,7 +14,7 @@ from hf_influence.metrics import noise_detection_metrics
 from hf_influence.recipes import NoiseRecord
 from hf_influence.recipes.retraining import run_save_path
 from hf_influence.recipes.runner import RecipeArguments, run_recipe
-from hf_influence.recipes.statistics import paired_test, recovered_share
+from hf_influence.recipes.statistics import CEILING_ARM, paired_test, recovered_share
 from hf_influence.recipes.tasks import NliRecipeTask, with_overlap_hint
 
 SICK = Path(__file__).resolve().parents[3] / "shared" / "data" / "sick"
@@ -43,7 +43,7 @@ def test_the_run_records_its_noise_and_scores_every_ranking(tiny_run):
     assert json.loads((out / "run" / "results.json").read_text())["noise"]["rows"] == record.rows
     assert list(run["detection"]) == ["arnoldi p̄=3", "arnoldi p̄=6", "validation influence", "tracin", "loss", "random"]
     assert all(0.0 <= row["auc"] <= 1.0 and 0.0 < row["ap"] <= 1.0 for row in run["detection"].values())
-    assert list(run["quality"]) == ["clean", "noisy", "filtered by arnoldi p̄=6", "filtered by loss"]
+    assert list(run["quality"]) == ["clean", "noisy", CEILING_ARM, "filtered by arnoldi p̄=6", "filtered by loss"]
     assert all(len(runs) == 2 for runs in run["quality"].values()) and run["seeds"] == [0, 1]
 
 
@@ -56,6 +56,20 @@ def test_each_filter_is_summarised_against_noisy_and_the_loss_filter(tiny_run):
     assert arnoldi["auc"] == run["detection"]["arnoldi p̄=6"]["auc"] and loss["ap"] == run["detection"]["loss"]["ap"]
     assert arnoldi["recovered"] == recovered_share(quality["clean"], quality["noisy"], quality["filtered by arnoldi p̄=6"])
     assert loss["removed"] == 16 and 0 <= loss["removed_noisy"] <= 16
+    assert arnoldi["of_ceiling"] == recovered_share(quality[CEILING_ARM], quality["noisy"], quality["filtered by arnoldi p̄=6"])
+    assert run["ceiling"]["recovered"] == recovered_share(quality["clean"], quality["noisy"], quality[CEILING_ARM])
+    assert run["ceiling"]["vs_noisy"] == paired_test(quality[CEILING_ARM], quality["noisy"])
+
+
+def test_the_ceiling_arm_trains_on_exactly_the_uncorrupted_rows(tiny_run, monkeypatch):
+    """The ceiling (the most removal can win back) drops the recorded corrupted rows and nothing else."""
+    run, out = tiny_run
+    trained = []
+    original = NliRecipeTask.trainer
+    monkeypatch.setattr(NliRecipeTask, "trainer", lambda self, *a: trained.append(a[0]) or original(self, *a))
+    run_save_path(out / "run", CEILING_ARM, 0).unlink()
+    assert run_recipe(_tiny_args(out))["quality"][CEILING_ARM] == run["quality"][CEILING_ARM]  # retrained, seeded: same figure
+    assert len(trained) == 1 and sorted(trained[0]["row_index"]) == sorted(set(range(160)) - set(run["noise"]["rows"]))
 
 
 def test_a_rerun_reads_every_result_back_and_retrains_only_what_is_missing(tiny_run, monkeypatch):

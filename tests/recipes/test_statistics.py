@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from hf_influence.recipes.statistics import filtering_summary, paired_test, recovered_share
+from hf_influence.recipes.statistics import CEILING_ARM, ceiling_summary, filtering_summary, paired_test, recovered_share
 
 TOL = 1e-9
 
@@ -48,3 +48,17 @@ def test_filtering_summary_pairs_every_filter_with_noisy_and_with_the_loss_filte
     assert a["vs_loss"] == paired_test(quality["filtered by a"], quality["filtered by loss"]) and loss["vs_loss"] is None
     assert a["recovered"] == pytest.approx((0.79666666667 - 0.74) / (0.81 - 0.74), rel=1e-6)
     assert filtering_summary(quality, {"filtered by a": "a"}, detection, None)["filtered by a"]["vs_loss"] is None
+
+
+def test_each_filter_is_measured_against_the_ceiling_when_there_is_one():
+    """of_ceiling: the share of the ceiling's gain over noisy (removing exactly the corrupted rows) the filter won."""
+    quality = {"clean": [0.80, 0.82], "noisy": [0.70, 0.72], CEILING_ARM: [0.76, 0.78], "filtered by a": [0.73, 0.75]}
+    detection = {"a": {"auc": 0.9, "ap": 0.6, "precision_at_k": 0.55, "seconds": 1.0}}
+    row = filtering_summary(quality, {"filtered by a": "a"}, detection, None)["filtered by a"]
+    assert row["of_ceiling"] == pytest.approx(0.5) and row["recovered"] == pytest.approx(0.3)
+    ceiling = ceiling_summary(quality)
+    assert ceiling["recovered"] == pytest.approx(0.6) and ceiling["mean"] == pytest.approx(0.77) and ceiling["runs"] == 2
+    assert ceiling["vs_noisy"] == paired_test(quality[CEILING_ARM], quality["noisy"])
+    del quality[CEILING_ARM]
+    assert ceiling_summary(quality) is None
+    assert filtering_summary(quality, {"filtered by a": "a"}, detection, None)["filtered by a"]["of_ceiling"] is None
