@@ -1,13 +1,13 @@
 """What a call will cost, before it runs, and the refusal of what cannot fit ``memory_budget_gb``.
 
 ``Influence.estimate_cost(action, *args, **kwargs)`` takes a public method's name and arguments and returns a
-`CostEstimate` without running anything (but one forward and backward of the largest Hessian batch where batched HVPs run
-on many vectors: block Krylov fits, the spectrum, random projection; they hold that batch's activations once and again per
-vector, see ``engine/hvp_memory.py``); every such method logs its own estimate at INFO and raises
-`MemoryBudgetError` before any work when what it must hold at once exceeds the budget (`cost_estimate.costed`; a call
-inside another was counted by the outer one). Sizes count the large tensors hf_influence holds, in the accumulation
-dtype: bases, Krylov vectors, per-example gradients, the explicit Hessian, LiSSA iterates, scores; not the model, its
-activations (but the batched HVPs', above) or the data. Each rule behind a figure lives with the code that applies it and is called from here: block
+`CostEstimate` without running anything (but one forward and backward of the largest Hessian batch where HVPs run, as
+they hold that batch's activations once and again per vector, and one forward of the longest rows where per-example
+gradients are taken, see ``engine/hvp_memory.py``; once per batch shape, on data that passed the data check); every
+such method logs its own estimate at INFO and raises `MemoryBudgetError` before any work when what it must hold at once
+exceeds the budget (`cost_estimate.costed`; a call inside another was counted by the outer one). Sizes count the large tensors hf_influence holds, in the accumulation
+dtype: bases, Krylov vectors, per-example gradients, the explicit Hessian, LiSSA iterates, scores, and the activations
+of each pass (above); not the model or the data. Each rule behind a figure lives with the code that applies it and is called from here: block
 widths (``ihvp/block.py``), passes of batched HVPs (``hvp_memory.py``), the Fisher SVD (``ihvp/fisher.py``), the projection path and
 chunks (``projection.py``), Kronecker map rows (``subspace_hessian.py``), LiSSA presets, Krylov steps (``config.py``).
 """
@@ -55,6 +55,7 @@ def fit_fisher(owner, hessian_data, rank=BasisConfig.rank, data_parallel=False, 
                   "fewer Hessian rows (hessian_examples)")
     else:
         cost.gradients(cost.largest, "formed per Hessian batch, streamed into Fisher products")
+        cost.backward_graph(hessian_data, hessian=True)
         cost.krylov(implicit_iterations(rank), Algorithm.BLOCK, "Fisher product", "a lower rank (the fit takes max(2 × rank, rank + 20) steps)")
     return cost.done()
 
@@ -87,6 +88,7 @@ def s_test(owner, test_data, hessian_data, lissa="auto", *, action="s_test"):
     cost, rows = CostParts(owner, action), _rows(test_data)
     cost.hessian(hessian_data)
     cost.gradients(cost.B, "formed")
+    cost.backward_graph(test_data)
     cost.hold(f"test gradients [{rows}, P]", "held", rows or 0, FEWER_ROWS)
     cost.lissa(hessian_data, lissa, rows, 1)
     return cost.done()
@@ -99,6 +101,7 @@ def solve_s_test(owner, test_data, hessian_data, lissa="auto"):
 def gradients(owner, data, test_side=False):
     cost, rows = CostParts(owner, "gradients"), _rows(data)
     cost.gradients(cost.B, "formed")
+    cost.backward_graph(data)
     cost.hold(f"all gradients [{rows}, P]", "held", rows or 0, FEWER_ROWS)
     return cost.done()
 
@@ -107,7 +110,7 @@ def scores(owner, test_data, train_data, method=Method.ARNOLDI, basis=None, hess
            rank=BasisConfig.rank, knn=None, index=None):
     method = as_choice(Method, method, "method")
     cost, tests, trains = CostParts(owner, "scores"), _rows(test_data), _rows(train_data)
-    cost.method_parts(method, train_data, hessian_data, basis, lissa, rank, tests, 1)
+    cost.method_parts(method, train_data, hessian_data, basis, lissa, rank, tests, 1, test=test_data)
     if method in (Method.TRACIN, Method.EXACT, Method.LISSA):
         copies = 1 if method is Method.TRACIN else 2  # the test gradients, and their preconditioned copy
         cost.hold(f"test gradients [{copies} × {tests}, P]", "held", copies * (tests or 0), FEWER_ROWS)

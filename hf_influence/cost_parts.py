@@ -7,15 +7,16 @@ import math
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from ._utils.errors import HfInfluenceError
 from .config import Algorithm, Method, RandomProjection, implicit_iterations
 from .cost_estimate import CostEstimate, MemoryPart
-from .data import batch_size_of
+from .data import batch_size_of, longest_rows
 from .engine.grads import HOOK_CHECK_ROWS, accumulation_dtype, hooks_by_default
 from .engine.hooks import hook_plan
 from .engine.hvp import EXPLICIT_CHUNK
-from .engine.hvp_memory import pass_bytes, vectors_per_backward
+from .engine.hvp_memory import backward_bytes, pass_bytes, vectors_per_backward
 from .engine.ihvp.block import ORTHOGONALISATION_BLOCKS, block_steps, candidate_widths, fixed_width, krylov_bytes, step_bytes, timing_widths
 from .engine.ihvp.lissa import LissaConfig
 from .engine.projection import choose_projection, embedding_tables, grads_chunk_size
@@ -53,15 +54,52 @@ class CostParts:
             return
         self.fields.update(hessian_rows=sum(batch_size_of(b) for b in batches), hessian_batches=len(batches))
         self.largest = max(batch_size_of(b) for b in batches)
-        self.batches = batches
+        self.batches, self.hessian_data = batches, data
 
     def activations(self) -> int:
         """What a batched HVP's graph saves on the largest Hessian batch (measured once: one forward and backward)."""
         if "_activations" not in self.__dict__:
-            self._activations = self.owner._hvp_activation_bytes(self.batches) if self.batches else 0
-            if self.batches:
+            measured = bool(self.batches) and self.usable(self.hessian_data)
+            self._activations = self.owner._hvp_activation_bytes(self.batches) if measured else 0
+            if measured:
                 self.notes.append("the batched HVPs' activations were measured by one forward and backward of the largest Hessian batch")
         return self._activations
+
+    def usable(self, data: Any) -> bool:
+        """Whether ``data`` passes the method's own data check (``ModelWiring.check_data``, remembered), so that a forward
+        may measure it; if not, nothing is measured and the method raises that check's error."""
+        try:
+            self.owner.check_data(data=data)
+        except (HfInfluenceError, TypeError, ValueError, KeyError, IndexError):
+            return False
+        return True
+
+    def longest(self, data: Any, rows: int, hessian: bool = False) -> Any:
+        """The ``rows`` longest rows of ``data`` (of its Hessian rows with ``hessian``) as one batch (``data.longest_rows``),
+        or ``None`` when they cannot be read or fail the data check (the method says what is wrong)."""
+        if not self.usable(data):
+            return None
+        try:
+            return longest_rows(self.owner.hessian_rows(data) if hessian else data, rows, self.owner._pad_id())
+        except (HfInfluenceError, TypeError, ValueError, KeyError, IndexError):
+            return None
+
+    def backward_graph(self, *scored: Any, hessian: bool = False) -> None:
+        """The forward and backward that take per-example gradients (hooks or vmap; projections, norms) on the largest batch
+        of the ``scored`` data (``batch_size`` of its longest rows; a DataLoader's own batch size): its activations, measured
+        by one forward (``ModelWiring._grad_activation_bytes``), and the backward's gradients (``hvp_memory.backward_bytes``)."""
+        sizes = []
+        for data in (data for data in scored if data is not None):
+            rows = data.batch_size if isinstance(data, DataLoader) and data.batch_size else self.B  # a DataLoader keeps its batches
+            batch = self.longest(data, rows, hessian)
+            if batch is not None:
+                sizes.append((self.owner._grad_activation_bytes(batch), batch_size_of(batch)))
+        if sizes:
+            activations, rows = max(sizes)
+            self.parts.append(MemoryPart(f"the forward and backward of a batch of {rows} rows for their gradients (the longest rows: "
+                                         f"activations {activations / 2**20:.2f} MiB, measured, and their gradients)", "working",
+                                         backward_bytes(activations), f"a smaller batch_size ({self.B} now)"))
+            self.notes.append("the gradients' forward and backward were measured by one forward of the longest rows")
 
     def hvp_pass(self, vectors: int, left: float, what: str, graph: bool = True, least: int = 0) -> int:
         """A pass of batched HVPs on ``vectors`` vectors within ``left`` bytes (`engine/hvp_memory.py`: fewer per batched
@@ -98,7 +136,7 @@ class CostParts:
         if algorithm is Algorithm.ARNOLDI:
             self.passes(iterations, iterations)
             self.hold(f"Krylov vectors [{iterations + 1}, P]", "krylov", iterations + 1, way_out)
-            self.hold("pass buffers of 1 vector", "working", pass_bytes(1, 1, 1, 0), "")
+            self.hvp_pass(1, self.budget, f"Arnoldi {operator}s", graph=operator == "HVP")
             return
         graph = operator == "HVP"
         activations = self.activations() if graph else 0
@@ -168,10 +206,16 @@ class CostParts:
         if config.tolerance is not None or repeats != config.repeats or config.restarts:
             self.notes.append("LiSSA: at most (early stop, adaptive repeats or restarts may stop sooner)")
         self.fields.update(lissa_hvps=hvps, lissa_rows=config.batch_size)
-        self.hold(f"LiSSA iterates [5 × {columns}, P] and pass buffers", "working", 5 * columns + pass_bytes(columns, 1, 1, 0),
-                  f"fewer rows per call ({columns} right-hand sides)")
+        fewer = f"fewer rows per call ({columns} right-hand sides)"
+        self.hold(f"LiSSA iterates [5 × {columns}, P]", "working", 5 * columns, fewer)
+        rows = self.longest(data, config.batch_size, hessian=True)  # the largest minibatch LiSSA can draw
+        activations = 0 if rows is None else self.owner._hvp_activation_bytes([rows])
+        self.parts.append(MemoryPart(f"LiSSA minibatch HVPs: a pass of {columns} vector{'s' * (columns > 1)}, the graph of its "
+                                     f"{config.batch_size} longest Hessian rows ({activations / 2**20:.2f} MiB) once and per vector",
+                                     "working", pass_bytes(columns, self.P, self.d, activations), f"{fewer}, or a smaller LiSSA batch_size"))
 
-    def projection(self, rank: int) -> None:
+    def projection(self, rank: int) -> str:
+        """Projected features of ``rank`` directions: the path the engine takes (returned), and what it holds."""
         mode = self.owner.projection
         mode = choose_projection(self.P, rank, self.B, self.budget) if mode == "auto" else mode
         if mode == "jvp":
@@ -188,6 +232,7 @@ class CostParts:
             if 0 < rank * tables * self.d <= self.budget:
                 self.hold(f"the embedding tables' transposed copy [{rank}, {tables:,}] (hooks)", "working", rank * tables / self.P, "")
                 self.spare += rank * tables * self.d
+        return mode
 
     def kronecker_subspace(self, rank: int) -> None:
         """The Kronecker map's subspace Hessian: map rows materialised a block at a time, each block one pass of batched
@@ -204,31 +249,36 @@ class CostParts:
         self.fields["grads"] = "none formed: Kronecker maps applied to hooked gradient pieces"
 
     def method_parts(self, method: Method, train: Any, hessian_data: Any, basis: Any, lissa: Any, rank: int,
-                     columns: int | None, solves: int | None, norms: bool = False) -> None:
-        """The cost of ``Influence._method_parts`` (the preconditioner and the training side's features)."""
+                     columns: int | None, solves: int | None, norms: bool = False, test: Any = None) -> None:
+        """The cost of ``Influence._method_parts`` (the preconditioner and the training side's features; ``test``: the test
+        rows whose features are taken too)."""
         hessian_data = train if hessian_data is None else hessian_data
         if method is Method.ARNOLDI:
             if basis is None:
                 self.fit(hessian_data, rank, implicit_iterations(rank), Algorithm.ARNOLDI)
             else:
                 self.basis(basis.rank)
-            self.projection(self.fields["rank"])
+            if self.projection(self.fields["rank"]) != "jvp":
+                self.backward_graph(train, test)
         elif method is Method.RANDPROJ:
             self.hessian(hessian_data)
             self.fields["rank"] = rank
             if self.owner.config.random_projection == RandomProjection.KRONECKER:
                 self.kronecker_subspace(rank)
+                self.backward_graph(train, test)  # the map is applied to hooked gradient pieces
                 return
             self.basis(rank, "random subspace")
             self.passes(1, rank)
             self.hvp_pass(rank, self.budget - rank * self.P * self.d, "the random subspace's Hessian products")
-            self.projection(rank)
+            if self.projection(rank) != "jvp":
+                self.backward_graph(train, test)
         else:
             if method is Method.TRACIN and norms and hooks_by_default(self.owner._dtype()):
                 self.gradients(2 * min(self.B, HOOK_CHECK_ROWS), f"hooks' and vmap's for {HOOK_CHECK_ROWS} rows of the first batch (the "
                                                                  "hooks check); then hooks, where they apply, take norms without [B, P]")
             else:
                 self.gradients(self.B, "formed")
+            self.backward_graph(train, test)
         if method is Method.EXACT:
             self.hessian(hessian_data)
             self.exact(decomposed=True)

@@ -77,6 +77,16 @@ def length_sorted_batches(data: Any, batch_size: int, pad_token_id: int = 0, row
     return list(DataLoader(data, batch_sampler=[g for g in groups if g], collate_fn=PaddingCollator(pad_token_id)))
 
 
+def longest_rows(data: Any, count: int, pad_token_id: int = 0) -> Batch:
+    """The ``count`` longest rows of ``data`` as one batch (``PaddingCollator``, or a ``DataLoader``'s own ``collate_fn``):
+    the largest a batch of ``count`` rows of ``data`` can be, whatever rows it draws. Reads every row's length."""
+    dataset = dataset_of(data)
+    lengths = row_lengths(dataset)
+    rows = sorted(range(len(lengths)), key=lengths.__getitem__)[-count:]
+    collate = data.collate_fn if isinstance(data, DataLoader) else PaddingCollator(pad_token_id)
+    return trim_padding(collate([dataset[i] for i in rows]))
+
+
 def row_lengths(data: Any) -> list[int]:
     """Tokens per row: ones in ``attention_mask`` when the rows have one, else the length of ``input_ids`` (0 without)."""
     columns = getattr(data, "column_names", None)

@@ -197,13 +197,22 @@ class ModelWiring:
         """What the graph of a batched HVP saves on the largest of ``batches`` (one forward and backward of it, in eval mode;
         `hf_influence.engine.hvp_memory`): the figure that sizes passes of batched HVPs and their estimate. Measured once
         per batch shape, so a call and its cost estimate share one measurement."""
-        batch = largest_batch(batches)
+        return self._activation_bytes(largest_batch(batches), create_graph=True)
+
+    def _grad_activation_bytes(self, batch: dict) -> int:
+        """What the forward of a first-order backward (per-example gradients, a hooked projection) saves on ``batch``:
+        ``A₁`` of `hf_influence.engine.hvp_memory` (one forward, in eval mode), measured once per batch shape."""
+        return self._activation_bytes(batch, create_graph=False)
+
+    def _activation_bytes(self, batch: dict, create_graph: bool) -> int:
+        """`hvp_memory.saved_activation_bytes` on ``batch``, cached by batch shape and ``create_graph``."""
         shape = tuple((key, tuple(value.shape)) for key, value in batch.items() if isinstance(value, torch.Tensor))
-        measured = self.__dict__.setdefault("_activation_bytes", {})
-        if shape not in measured:
+        measured = self.__dict__.setdefault("_activation_bytes_by_shape", {})
+        if (shape, create_graph) not in measured:
             with eval_mode(self.model):
-                measured[shape] = saved_activation_bytes(self.train_loss, self._params(), to_device(batch, self._device()))
-        return measured[shape]
+                measured[shape, create_graph] = saved_activation_bytes(self.train_loss, self._params(), to_device(batch, self._device()),
+                                                                       create_graph)
+        return measured[shape, create_graph]
 
     def _subspace_hessian(self, hessian_data: Any, directions: torch.Tensor | KroneckerMap) -> torch.Tensor:
         """``QᵀHQ`` ``[p̄, p̄]`` over the Hessian rows, in passes of batched HVPs within the budget

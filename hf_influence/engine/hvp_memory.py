@@ -1,4 +1,5 @@
-"""What one batched Hessian-vector product holds in memory beside the model (the rule behind a pass's vector count).
+"""What one batched Hessian-vector product, or one first-order backward, holds in memory beside the model (the rule behind a
+pass's vector count, and the activations every cost estimate counts).
 
 :func:`hvp.batch_hvp` on k vectors runs the loss forward and a first backward that keeps its graph, then one backward of
 ``g · v`` for all k vectors at once (vmap over the tangents). So it holds:
@@ -20,7 +21,14 @@ scaled product); :func:`pass_bytes` counts it all, and :func:`vectors_per_backwa
 backward (``per_backward``: the graph of each batch is kept and walked back once per chunk, same numbers) when a pass
 of all k would exceed the budget. Every batched-HVP path sizes its blocks with these two functions, and so does its
 cost estimate (`hf_influence.cost`): the block Krylov fit, the trace probes of the spectrum, the dense and Kronecker
-random projections.
+random projections; the one-vector passes (Arnoldi, Lanczos) and LiSSA's minibatch HVPs are counted by the same rule.
+
+A first-order forward and backward (per-example gradients by hooks or vmap, a hooked projection or norm, for scoring
+or a streamed Fisher) keeps no graph of its backward: it holds the forward's saved activations (``A₁``, measured by
+:func:`saved_activation_bytes` with ``create_graph=False``: one forward, no backward) and, on the way back, gradients
+of about the same tensors (hooks keep every hooked module's output gradient until the per-example products are taken).
+Measured on tiny BERTs (fp64 and fp32, 8 and 32 rows, all parameters and the last layer), the peak beside the ``[B, P]``
+gradients was ``1.8-2.2 × A₁`` for hooks (gradients, projections, norms); counted: :func:`backward_bytes`, ``2 × A₁``.
 """
 
 from __future__ import annotations
@@ -38,13 +46,15 @@ HVP = Callable[..., torch.Tensor]  # ([P, k], per_backward=None) -> [P, k]
 
 logger = logging.get_logger(__name__)
 PER_VECTOR_COPIES = 4  # P-sized values per vector inside batch_hvp: the vector, its tangent, the product, the flat copy
+BACKWARD_COPIES = 2  # A₁'s a first-order forward and backward holds: the saved activations, the output gradients
 PASS_COPIES = 2  # [P, k] buffers of a pass over the Hessian data beside batch_hvp's: the running sum, a batch's scaled product
 
 
-def saved_activation_bytes(loss_fn: LossFunction, params: Params, batch: Batch) -> int:
+def saved_activation_bytes(loss_fn: LossFunction, params: Params, batch: Batch, create_graph: bool = True) -> int:
     """Bytes of the activations the loss forward and the graph-keeping first backward of :func:`hvp.batch_hvp` save
     for backward on ``batch`` (distinct storages; the model's parameters left out): ``A`` in the module docstring.
-    Costs one forward and one backward of ``batch``; nothing is kept."""
+    Costs one forward and one backward of ``batch``; nothing is kept. ``create_graph=False``: what the forward alone
+    saves for a first-order backward (``A₁``; one forward, no backward)."""
     model_storages = {p.untyped_storage().data_ptr() for p in loss_fn.module.model.parameters()}
     saved: dict[int, int] = {}
 
@@ -52,12 +62,13 @@ def saved_activation_bytes(loss_fn: LossFunction, params: Params, batch: Batch) 
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in model_storages:
             saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        return tensor.detach()  # the tensor itself (an output's) would close a cycle through its grad_fn that gc cannot free
 
     leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in params.items()}
     with torch.enable_grad(), _only_selection_records(loss_fn), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn.mean(leaves, batch)
-        torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
+        if create_graph:
+            torch.autograd.grad(loss, list(leaves.values()), create_graph=True, allow_unused=True)
     return sum(saved.values())
 
 
@@ -68,6 +79,12 @@ def largest_batch(batches: list[Batch]) -> Batch:
         return batch_size_of(batch) * max(widths, default=1)
 
     return max(batches, key=tokens)
+
+
+def backward_bytes(activation_bytes: int) -> int:
+    """Bytes a first-order forward and backward of a batch holds beside the gradients it forms: the forward's saved
+    activations (``activation_bytes``, ``A₁``) and the backward's gradients of about as many (module docstring)."""
+    return BACKWARD_COPIES * activation_bytes
 
 
 def fixed_bytes(num_params: int, itemsize: int, activation_bytes: int) -> int:
