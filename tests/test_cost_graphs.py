@@ -57,7 +57,7 @@ def test_scoring_by_gradients_counts_the_forward_and_backward_of_a_batch(model, 
     inf = influence(model)
     estimate = inf.estimate_cost("self_influence", data, method=method, basis=basis)
     _, measured = peak_allocated(lambda: inf.self_influence(data, method=method, basis=basis))
-    assert_counted(estimate, measured)
+    assert_counted(estimate, measured + (0 if basis is None else basis.eigenvectors.nbytes))  # the basis is held too
     assert any("forward and backward of a batch of 32 rows" in part.what for part in estimate.memory)
 
 
