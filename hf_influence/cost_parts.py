@@ -7,16 +7,16 @@ import math
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from ._utils.errors import HfInfluenceError
 from .config import Algorithm, Method, RandomProjection, implicit_iterations
 from .cost_estimate import CostEstimate, MemoryPart
-from .data import batch_size_of, longest_rows
+from .cost_graphs import GraphParts
+from .data import batch_size_of
 from .engine.grads import HOOK_CHECK_ROWS, accumulation_dtype, hooks_by_default
 from .engine.hooks import hook_plan
 from .engine.hvp import EXPLICIT_CHUNK
-from .engine.hvp_memory import backward_bytes, pass_bytes, vectors_per_backward
+from .engine.hvp_memory import pass_bytes, vectors_per_backward
 from .engine.ihvp.block import ORTHOGONALISATION_BLOCKS, block_steps, candidate_widths, fixed_width, krylov_bytes, step_bytes, timing_widths
 from .engine.ihvp.lissa import LissaConfig
 from .engine.projection import choose_projection, embedding_tables, grads_chunk_size
@@ -27,8 +27,9 @@ FEWER_ROWS = "fewer rows per call (split the data, or run `hf-influence score`, 
 SMALLER_GRAPH = "a smaller hessian_batch_size or batch_size (fewer tokens per Hessian batch)"
 
 
-class CostParts:
-    """Collects the parts of one estimate: memory held at once, passes, notes."""
+class CostParts(GraphParts):
+    """Collects the parts of one estimate: memory held at once, passes, notes (the parts measured by running a forward
+    are `GraphParts`')."""
 
     def __init__(self, owner: Any, action: str):
         self.owner, self.action = owner, action
@@ -40,6 +41,7 @@ class CostParts:
         self.notes: list[str] = []
         self.largest = self.B  # rows in the largest Hessian batch
         self.batches: list = []  # the Hessian batches, collated on the CPU
+        self.hessian_data: Any = None  # the data they came from
 
     def hold(self, what: str, kind: str, rows: float, way_out: str) -> None:
         """``rows`` vectors of P values held at once."""
@@ -55,51 +57,6 @@ class CostParts:
         self.fields.update(hessian_rows=sum(batch_size_of(b) for b in batches), hessian_batches=len(batches))
         self.largest = max(batch_size_of(b) for b in batches)
         self.batches, self.hessian_data = batches, data
-
-    def activations(self) -> int:
-        """What a batched HVP's graph saves on the largest Hessian batch (measured once: one forward and backward)."""
-        if "_activations" not in self.__dict__:
-            measured = bool(self.batches) and self.usable(self.hessian_data)
-            self._activations = self.owner._hvp_activation_bytes(self.batches) if measured else 0
-            if measured:
-                self.notes.append("the batched HVPs' activations were measured by one forward and backward of the largest Hessian batch")
-        return self._activations
-
-    def usable(self, data: Any) -> bool:
-        """Whether ``data`` passes the method's own data check (``ModelWiring.check_data``, remembered), so that a forward
-        may measure it; if not, nothing is measured and the method raises that check's error."""
-        try:
-            self.owner.check_data(data=data)
-        except (HfInfluenceError, TypeError, ValueError, KeyError, IndexError):
-            return False
-        return True
-
-    def longest(self, data: Any, rows: int, hessian: bool = False) -> Any:
-        """The ``rows`` longest rows of ``data`` (of its Hessian rows with ``hessian``) as one batch (``data.longest_rows``),
-        or ``None`` when they cannot be read or fail the data check (the method says what is wrong)."""
-        if not self.usable(data):
-            return None
-        try:
-            return longest_rows(self.owner.hessian_rows(data) if hessian else data, rows, self.owner._pad_id())
-        except (HfInfluenceError, TypeError, ValueError, KeyError, IndexError):
-            return None
-
-    def backward_graph(self, *scored: Any, hessian: bool = False) -> None:
-        """The forward and backward that take per-example gradients (hooks or vmap; projections, norms) on the largest batch
-        of the ``scored`` data (``batch_size`` of its longest rows; a DataLoader's own batch size): its activations, measured
-        by one forward (``ModelWiring._grad_activation_bytes``), and the backward's gradients (``hvp_memory.backward_bytes``)."""
-        sizes = []
-        for data in (data for data in scored if data is not None):
-            rows = data.batch_size if isinstance(data, DataLoader) and data.batch_size else self.B  # a DataLoader keeps its batches
-            batch = self.longest(data, rows, hessian)
-            if batch is not None:
-                sizes.append((self.owner._grad_activation_bytes(batch), batch_size_of(batch)))
-        if sizes:
-            activations, rows = max(sizes)
-            self.parts.append(MemoryPart(f"the forward and backward of a batch of {rows} rows for their gradients (the longest rows: "
-                                         f"activations {activations / 2**20:.2f} MiB, measured, and their gradients)", "working",
-                                         backward_bytes(activations), f"a smaller batch_size ({self.B} now)"))
-            self.notes.append("the gradients' forward and backward were measured by one forward of the longest rows")
 
     def hvp_pass(self, vectors: int, left: float, what: str, graph: bool = True, least: int = 0) -> int:
         """A pass of batched HVPs on ``vectors`` vectors within ``left`` bytes (`engine/hvp_memory.py`: fewer per batched
@@ -133,6 +90,8 @@ class CostParts:
                block_size: int | None = None) -> None:
         """A Krylov fit of ``iterations`` steps; block widths, passes and their memory follow the block planner's rules."""
         self.fields["operator"] = operator
+        if operator == "HVP":
+            self.replay()
         if algorithm is Algorithm.ARNOLDI:
             self.passes(iterations, iterations)
             self.hold(f"Krylov vectors [{iterations + 1}, P]", "krylov", iterations + 1, way_out)
@@ -174,6 +133,7 @@ class CostParts:
         """Lanczos (or power iteration) one vector per pass, then the trace probes in blocks (``spectrum.trace_blocks``),
         one after the other: the larger of the two is counted."""
         check_spectrum_request(method, trace_estimator)
+        self.replay()
         self.passes(iterations, iterations)
         if method == "power":
             self.notes.append(f"power iteration: at most {iterations} passes")

@@ -156,6 +156,12 @@ def batch_size_of(batch: Batch) -> int:
     return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
 
 
+def batch_tokens(batch: Batch) -> int:
+    """Rows × columns of the batch's widest tensor: what its activations grow with."""
+    widths = [value.shape[1] for value in batch.values() if isinstance(value, torch.Tensor) and value.dim() >= 2]
+    return batch_size_of(batch) * max(widths, default=1)
+
+
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return {k: v[start:stop] for k, v in batch.items()}
 

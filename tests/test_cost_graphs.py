@@ -13,11 +13,15 @@ from torch.profiler import ProfilerActivity, profile
 import hf_influence as hfi
 from hf_influence._utils.errors import InvalidInputError
 from hf_influence.engine import hvp_memory
+from hf_influence.engine import prefix as prefix_module
+from hf_influence.engine.grads import eval_mode
+from hf_influence.engine.prefix import PrefixReplay
 from tests import utils
 from tests.engine.test_hvp_memory import peak_allocated
 
 BELOW_MEASURED, ABOVE_MEASURED = 0.8, 2.0  # the estimate is an upper bound up to this much below, at most this much above
 ROWS = 32
+REPLAY_RTOL = 0.05  # the kept outputs scaled from two rows by the tokens: within this of what the replay keeps
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,20 @@ def test_lissa_counts_the_graph_of_its_minibatch_hvps(model, data):
     inf = hfi.Influence(model, batch_size=8, progress=False)
     estimate = inf.estimate_cost("self_influence", data, method="lissa", lissa=config)
     _, measured = peak_allocated(lambda: inf.self_influence(data, method="lissa", lissa=config))
+    assert_counted(estimate, measured)
+
+
+def test_the_frozen_layers_outputs_kept_for_replay_are_counted(model, data):
+    """A last-layer fit replays the layers below from their kept outputs (``engine/prefix.py``); the estimate counts them
+    (found on two rows, scaled by the tokens) within ``REPLAY_RTOL`` of what the replay keeps."""
+    inf = hfi.Influence(model, batch_size=8, last_n_layers=1, progress=False)
+    estimate = inf.estimate_cost("fit_arnoldi", data, rank=2, iterations=4, tol=0)
+    counted = sum(part.nbytes for part in estimate.memory if "kept for replay" in part.what)
+    with eval_mode(model):
+        replay = PrefixReplay(inf.train_loss, inf._params(), inf._materialize(data), inf.memory_budget)
+    kept = sum(prefix_module._nbytes(outputs) for outputs in replay.outputs)
+    assert replay.active and counted == pytest.approx(kept, rel=REPLAY_RTOL)
+    _, measured = peak_allocated(lambda: fit(inf, data))
     assert_counted(estimate, measured)
 
 

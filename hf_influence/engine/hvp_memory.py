@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from transformers.utils import logging
 
-from ..data import Batch, batch_size_of
+from ..data import Batch, batch_tokens
 from .grads import LossFunction, Params
 from .hvp import _only_selection_records
 
@@ -74,11 +74,7 @@ def saved_activation_bytes(loss_fn: LossFunction, params: Params, batch: Batch, 
 
 def largest_batch(batches: list[Batch]) -> Batch:
     """The batch with the most tokens (rows × columns of its widest tensor), whose graph is the largest."""
-    def tokens(batch: Batch) -> int:
-        widths = [value.shape[1] for value in batch.values() if isinstance(value, torch.Tensor) and value.dim() >= 2]
-        return batch_size_of(batch) * max(widths, default=1)
-
-    return max(batches, key=tokens)
+    return max(batches, key=batch_tokens)
 
 
 def backward_bytes(activation_bytes: int) -> int:

@@ -28,7 +28,7 @@ import torch
 from transformers.utils import logging
 
 from .._utils import comm
-from ..data import Batch, batch_size_of, slice_batch
+from ..data import Batch, batch_size_of, batch_tokens, slice_batch, to_device
 from .frozen_prefix import prefix_modules, tensors_in
 from .grads import LossFunction, Params
 from .hvp import batch_hvp, dataset_hvp
@@ -54,6 +54,26 @@ def _nbytes(value: Any) -> int:
     """Bytes of the distinct storages in ``value`` (a stand-in holds one element; a passed-on tensor counts once)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors_in(value)}
     return sum(storages.values())
+
+
+def kept_bytes(loss_fn: LossFunction, params: Params, batches: list[Batch], memory_budget: float) -> int:
+    """About what :class:`PrefixReplay` keeps over ``batches`` (collated anywhere): the outputs it would keep for the
+    first batch's probe rows (the prefix found as it finds it), scaled by every batch's tokens; 0 when there is no prefix
+    or it would not be kept within ``memory_budget``. Costs three forwards of the probe rows, no pass."""
+    if not batches:
+        return 0
+    probe = to_device(slice_batch(batches[0], 0, _PROBE_ROWS), next(iter(params.values())).device)
+    found = [p.module for p in prefix_modules(loss_fn, params, probe) if p.read_later]
+    kept: list[Any] = []
+    handles = [module.register_forward_hook(lambda module, args, output: kept.append(output)) for module in found]
+    try:
+        with torch.no_grad():
+            loss_fn(params, probe)
+    finally:
+        for handle in handles:
+            handle.remove()
+    total = _nbytes(kept) * sum(batch_tokens(batch) for batch in batches) // batch_tokens(probe)
+    return total if total <= memory_budget else 0
 
 
 class PrefixReplay:
