@@ -11,10 +11,10 @@ from datasets import Dataset
 from torch.profiler import ProfilerActivity, profile
 
 import hf_influence as hfi
-from hf_influence._utils.errors import InvalidInputError
+from hf_influence._utils.errors import InvalidInputError, NonFiniteError
 from hf_influence.engine import hvp_memory
 from hf_influence.engine import prefix as prefix_module
-from hf_influence.engine.grads import eval_mode
+from hf_influence.engine.grads import check_finite, eval_mode
 from hf_influence.engine.prefix import PrefixReplay
 from tests import utils
 from tests.engine.test_hvp_memory import peak_allocated
@@ -63,6 +63,28 @@ def test_scoring_by_gradients_counts_the_forward_and_backward_of_a_batch(model, 
     _, measured = peak_allocated(lambda: inf.self_influence(data, method=method, basis=basis))
     assert_counted(estimate, measured + (0 if basis is None else basis.eigenvectors.nbytes))  # the basis is held too
     assert any("forward and backward of a batch of 32 rows" in part.what for part in estimate.memory)
+
+
+def test_tracin_scores_count_what_the_gradient_batches_hold(model, data):
+    """Formed ``[B, P]`` gradients per batch, the batch's forward and backward, the test gradients: the finite check on
+    each batch took 1.4x the batch again (``torch.isfinite``'s absolute value and masks) and the hooks check a second
+    ``[B, P]``: the estimate was 0.72x what this call allocated; now neither is taken."""
+    inf = influence(model)
+    estimate = inf.estimate_cost("scores", data, data, method="tracin")
+    _, measured = peak_allocated(lambda: inf.scores(data, data, method="tracin"))
+    assert_counted(estimate, measured)
+
+
+def test_the_finite_check_holds_no_copy_and_still_finds_nan_and_inf():
+    grads = torch.randn(64, 4096, dtype=torch.float64)
+    _, held = peak_allocated(lambda: check_finite(grads, "per-example gradients", "a batch"))
+    assert held < 0.01 * grads.nbytes
+    big = torch.full((4,), 3e38)  # finite entries whose sum overflows float32
+    assert check_finite(big, "x", "y") is big
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grads[17, 99] = bad
+        with pytest.raises(NonFiniteError, match="a batch"):
+            check_finite(grads, "per-example gradients", "a batch")
 
 
 def test_lissa_counts_the_graph_of_its_minibatch_hvps(model, data):

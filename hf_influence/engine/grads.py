@@ -89,10 +89,22 @@ def accumulation_dtype(params: Params) -> torch.dtype:
 def check_finite(tensor: torch.Tensor, what: str, where: str, model_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``tensor``, or :class:`NonFiniteError` naming ``what`` and ``where``, with advice for ``model_dtype``
     (see :func:`nonfinite_advice`)."""
-    if not torch.isfinite(tensor).all():
+    if not _all_finite(tensor):
         raise NonFiniteError(f"NaN/Inf in {what} ({where}). Check the inputs of that batch (labels, lengths) and the model "
                              f"weights. {nonfinite_advice(model_dtype)}")
     return tensor
+
+
+FINITE_CHECK_ELEMENTS = 2**22  # elements per slice when a sum is not finite and each entry must be checked
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite, without ``torch.isfinite``'s temporaries the size of ``tensor`` (on CPU an absolute
+    value and masks: 1.4x a ``[B, P]`` fp64 batch of gradients): a NaN or an infinity anywhere makes the sum non-finite, so
+    a finite sum settles it; a non-finite one (or an overflow of finite entries) is checked slice by slice."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(FINITE_CHECK_ELEMENTS))
 
 
 def nonfinite_advice(model_dtype: torch.dtype | None) -> str:
@@ -159,8 +171,9 @@ def per_example_grad_tensors(
     """Per-example gradients by parameter name, each ``[B, *shape]`` (see :func:`per_example_grads`).
 
     The ``"auto"`` rule (:func:`hooks_by_default`: every floating dtype): module hooks when every selected parameter
-    is supported by them (:func:`hook_plan`). Their first batch is also computed by vmap and compared (within
-    :func:`hooks_check_tolerance` of the model's dtype, relative to the largest entry); on a mismatch, or a module
+    is supported by them (:func:`hook_plan`). The first ``HOOK_CHECK_ROWS`` rows of their first batch are also computed by
+    vmap and compared (within :func:`hooks_check_tolerance` of the model's dtype, relative to the largest entry), before the
+    whole batch takes the path decided, so no batch's ``[B, P]`` is formed twice; on a mismatch, or a module
     called on inputs hooks cannot split by example, this ``loss_fn`` uses vmap from then on, with a warning.
     Otherwise vmap, falling back to the loop if vmap cannot trace the model.
     In half precision both paths run the forward and backward in the model's dtype; hooks then upcast activations
@@ -172,6 +185,9 @@ def per_example_grad_tensors(
     hookable = hooks_by_default(next(iter(params.values())).dtype)
     if mode == "hooks" or (mode == "auto" and hookable and loss_fn.hooks_ok is not False):
         plan = hook_plan(loss_fn, params)
+        if mode == "auto" and plan is not None and loss_fn.hooks_ok is None and batch_size_of(batch) > HOOK_CHECK_ROWS:
+            per_example_grad_tensors(loss_fn, params, slice_batch(batch, 0, HOOK_CHECK_ROWS), chunk_size)  # decides hooks_ok
+            return per_example_grad_tensors(loss_fn, params, batch, chunk_size, mode)
         if plan is None and mode == "hooks":
             raise InvalidInputError("Per-example gradients by hooks need every selected parameter to be the weight or bias "
                                     "of an nn.Linear, Conv1D, nn.Embedding or nn.LayerNorm; use mode='vmap' for this selection.")
