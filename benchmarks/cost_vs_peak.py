@@ -63,7 +63,8 @@ def tiny_rows() -> list[str]:
     return [row(name, "fit_arnoldi rank 2, 4 iterations", make(), "fit_arnoldi", data, rank=2, iterations=4, tol=0),
             row(name, "self_influence arnoldi (basis given)", make(), "self_influence", data, method="arnoldi", basis=basis),
             row(name, "self_influence tracin", make(), "self_influence", data, method="tracin"),
-            row(name, "self_influence lissa (batch 8)", make(8), "self_influence", data, method="lissa", lissa=lissa)]
+            row(name, "self_influence lissa (batch 8)", make(8), "self_influence", data, method="lissa", lissa=lissa),
+            row(name, "scores tracin, 32 x 32", make(), "scores", data, data, method="tracin")]
 
 
 def minilm_rows(data_dir: Path) -> list[str]:
