@@ -7,11 +7,16 @@ the arithmetic differs). Printed per parameter selection: Spearman of Arnoldi se
 error (hooks / vmap; the low-precision basis is fitted once), the largest relative error of the top eigenvalues,
 and TracIn Spearman (hooks / vmap).
 
+``--pretrained``: the regime users bring. all-MiniLM-L6-v2 is fine-tuned in float32 on SICK pairs (AdamW, a few
+epochs), rounded to bfloat16 and scored against the same weights in float32 on rows it trained on: Arnoldi
+self-influence over the head (pooler + classifier) and over the last layer + head, and TracIn over all parameters.
+
 ``--speed``: the pretrained all-MiniLM-L6-v2 (22.7M parameters, all selected) in bfloat16 on SICK rows, self-influence
 by hooks and by vmap in alternating rounds (Arnoldi with a random rank-10 orthonormal stand-in basis, which costs what a
 fitted one does; TracIn), medians, and the ratio.
 
     .venv/bin/python benchmarks/precision.py [--examples 48] [--steps 150] [--rank 8] [--iterations 20] [--damping 0.05]
+    .venv/bin/python benchmarks/precision.py --pretrained [--rows 256] [--train-rows 1024] [--epochs 2]
     .venv/bin/python benchmarks/precision.py --speed [--rows 16] [--rounds 3]
 """
 
@@ -125,6 +130,48 @@ def speed(rows: int, rounds: int, data_dir: Path) -> None:
         print(f"{method:9} {hooks:10.2f} {vmap:10.2f} {hooks / vmap:12.2f}x")
 
 
+def fine_tuned_minilm(train_rows: int, epochs: int, data_dir: Path):
+    """all-MiniLM-L6-v2 with a 3-way head fine-tuned in float32 on the first ``train_rows`` SICK pairs; (model, rows)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from scale import build  # the scale table's MiniLM and SICK rows
+
+    model, _, data = build("minilm-last", train_rows, data_dir)
+    collate, generator = PaddingCollator(), torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for start in range(0, len(order), 32):
+            optimizer.zero_grad()
+            model(**collate([data[i] for i in order[start:start + 32]])).loss.backward()
+            optimizer.step()
+    return model.eval(), data
+
+
+def pretrained(rows: int, train_rows: int, epochs: int, rank: int, iterations: int, damping: float, data_dir: Path) -> None:
+    """bfloat16 vs float32 (same rounded weights) on a fine-tuned MiniLM: Arnoldi self-influence (head; last layer + head)
+    and TracIn (all parameters) over ``rows`` of its training pairs."""
+    start = time.perf_counter()
+    model, data = fine_tuned_minilm(train_rows, epochs, data_dir)
+    scored_rows = data.select(range(rows))
+    print(f"all-MiniLM-L6-v2 fine-tuned {epochs} epochs on {train_rows} SICK pairs in float32 ({time.perf_counter() - start:.0f} s), "
+          f"rounded to bfloat16; {rows} of its training pairs scored; Arnoldi rank {rank}, {iterations} iterations, damping {damping}")
+    print("selection             parameters  Spearman  mean rel. error  max rel. eigenvalue error")
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    high = copy.deepcopy(low).float()
+    rho = lambda a, b: float(spearmanr(a.numpy(), b.numpy()).statistic)  # noqa: E731
+    for name, selection, method in (("head, Arnoldi", {"params": ["classifier", "pooler"]}, "arnoldi"),
+                                    ("last layer, Arnoldi", {"last_n_layers": 1}, "arnoldi"), ("all, TracIn", {}, "tracin")):
+        scores, eigenvalues = [], []
+        for candidate in (low, high):
+            inf = hfi.Influence(candidate, damping=damping, batch_size=16, progress=False, memory_budget_gb=8, **selection)
+            basis = inf.fit_arnoldi(scored_rows, rank=rank, iterations=iterations) if method == "arnoldi" else None
+            scores.append(inf.self_influence(scored_rows, method=method, basis=basis))
+            eigenvalues.append(basis.eigenvalues if basis is not None else None)
+        eigen = f"{float(((eigenvalues[0] - eigenvalues[1]).abs() / eigenvalues[1].abs()).max()):.2%}" if method == "arnoldi" else "—"
+        print(f"{name:21} {inf.selection.num_params:10,}  {rho(*scores):8.3f}  {float((scores[0] / scores[1] - 1).abs().mean()):15.2%}  {eigen:>25}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=64)
@@ -133,12 +180,18 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--damping", type=float, default=0.01)
     parser.add_argument("--speed", action="store_true", help="only the hooks-vs-vmap speed on the pretrained MiniLM in bfloat16")
-    parser.add_argument("--rows", type=int, default=16, help="--speed: SICK rows scored per round")
+    parser.add_argument("--pretrained", action="store_true", help="only bfloat16 vs float32 on a fine-tuned MiniLM")
+    parser.add_argument("--train-rows", type=int, default=1024, help="--pretrained: SICK pairs it is fine-tuned on")
+    parser.add_argument("--epochs", type=int, default=2, help="--pretrained: fine-tuning epochs")
+    parser.add_argument("--rows", type=int, default=None, help="SICK rows scored (--speed: per round, default 16; --pretrained: 256)")
     parser.add_argument("--rounds", type=int, default=3, help="--speed: alternating rounds")
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"), help="--speed: folder holding sick/")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data"), help="--speed / --pretrained: folder holding sick/")
     args = parser.parse_args()
     if args.speed:
-        speed(args.rows, args.rounds, Path(args.data_dir))
+        speed(args.rows or 16, args.rounds, Path(args.data_dir))
+        return
+    if args.pretrained:
+        pretrained(args.rows or 256, args.train_rows, args.epochs, args.rank, args.iterations, args.damping, Path(args.data_dir))
         return
     train = synthetic_task(args.examples, seed=0)
     model = trained_bert(train, args.steps)
