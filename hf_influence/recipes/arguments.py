@@ -50,8 +50,8 @@ class RecipeArguments:
     bf16: bool = field(default=False, metadata={"help": "Train and evaluate under bfloat16 autocast (mixed precision: the weights, and "
                                                         "every influence computation, stay float32); about 2x faster on CPUs with AVX512-BF16."})
     ceiling_arm: bool = field(default=True, metadata={
-        "help": "Also retrain without exactly the corrupted rows (the rows the noise record names): the most any removal filter "
-                "can win back, each filter's share of it reported beside its recovered share (retrain_seeds more runs)."})
+        "help": "Also retrain without exactly the corrupted rows (the rows the noise record names): the perfect filter. Each "
+                "filter's share of its gain over noisy is reported beside the recovered share (retrain_seeds more runs)."})
     retrain_seeds: int = field(default=1, metadata={"help": "Training runs (seeds) of every arm: clean, noisy and each filtered set, "
                                                             "paired by seed."})
     last_n_layers: int | None = field(default=None, metadata={"help": "Influence over the last k layers + head, no embeddings."})

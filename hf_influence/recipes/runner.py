@@ -5,7 +5,7 @@ translation references), noise-detection AUC / AP / precision@k of every ranking
 loss or perplexity, TracIn, random projection, the empirical Fisher's eigenbasis, Arnoldi at several p̄,
 LiSSA on a subset, validation influence), then the test quality of models trained on the clean, the
 noisy and each filtered training set (``filter_methods``) and, with ``ceiling_arm``, the training set without exactly the
-corrupted rows (the most removal can win back), ``retrain_seeds`` runs each on the same seeds, with paired tests against
+corrupted rows (the perfect filter), ``retrain_seeds`` runs each on the same seeds, with paired tests against
 the noisy arm and the loss-filtered arm. Writes under ``output_dir``:
 ``noise.json``, ``rankings.safetensors`` and ``runs/`` (what a rerun resumes from), ``results.json``,
 ``results.md``, the model card (``README.md``) and the first filter's training set with its card

@@ -62,7 +62,7 @@ def test_each_filter_is_summarised_against_noisy_and_the_loss_filter(tiny_run):
 
 
 def test_the_ceiling_arm_trains_on_exactly_the_uncorrupted_rows(tiny_run, monkeypatch):
-    """The ceiling (the most removal can win back) drops the recorded corrupted rows and nothing else."""
+    """The ceiling (the perfect filter) drops the recorded corrupted rows and nothing else."""
     run, out = tiny_run
     trained = []
     original = NliRecipeTask.trainer
