@@ -12,7 +12,7 @@ import statistics
 
 from scipy import stats
 
-CEILING_ARM = "corruption removed"  # the arm trained without exactly the corrupted rows: what removal can win back at most
+CEILING_ARM = "corruption removed"  # the arm trained without exactly the corrupted rows: the perfect filter
 CONSTANT_SD = 1e-12  # differences whose sd is below this are constant up to rounding (quality figures are in [0, 100])
 
 
