@@ -36,8 +36,8 @@ def filtering_rows(run: dict) -> list[str]:
         tests = [_test(row[k]) for k in ("vs_noisy", "vs_loss")]
         lines.append(f"| {row['ranking']} | {row['auc']:.3f} | {row['ap']:.3f} | {row['precision_at_k']:.3f} | {row['mean']:.4f} ± "
                      f"{_number(row['sd'], 4)} | {row['runs']} | {tests[0]} | {tests[1]} | {_share(row['recovered'])} | "
-                     f"{_share(row.get('of_ceiling'))} |")
-    ceiling = run.get("ceiling")
+                     f"{_share(row['of_ceiling'])} |")
+    ceiling = run["ceiling"]
     if ceiling:
         lines.append(f"| (ceiling: exactly the corrupted rows removed) | 1 | 1 | 1 | {ceiling['mean']:.4f} ± {_number(ceiling['sd'], 4)} | "
                      f"{ceiling['runs']} | {_test(ceiling['vs_noisy'])} | - | {_share(ceiling['recovered'])} | 100% |")
