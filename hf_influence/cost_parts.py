@@ -174,6 +174,11 @@ class CostParts(GraphParts):
                                      f"{config.batch_size} longest Hessian rows ({activations / 2**20:.2f} MiB) once and per vector",
                                      "working", pass_bytes(columns, self.P, self.d, activations), f"{fewer}, or a smaller LiSSA batch_size"))
 
+    def hooks_check(self, then: str) -> None:
+        """The only per-example gradients formed where hooks take the rest: the first-use check's (``grads.decide_hooks``)."""
+        self.gradients(2 * min(self.B, HOOK_CHECK_ROWS), f"hooks' and vmap's for {HOOK_CHECK_ROWS} rows of the first batch (the "
+                                                         f"hooks check); {then}")
+
     def projection(self, rank: int) -> str:
         """Projected features of ``rank`` directions: the path the engine takes (returned), and what it holds."""
         mode = self.owner.projection
@@ -183,8 +188,7 @@ class CostParts(GraphParts):
         else:  # the engine's rules: vmap gradients in chunks within the budget; hooks copy the embedding tables where they fit
             plan = hook_plan(self.owner.train_loss, self.owner._params())
             if plan is not None and hooks_by_default(self.owner._dtype()):  # the engine's rule: project_in_slices
-                self.gradients(2 * min(self.B, HOOK_CHECK_ROWS), f"hooks' and vmap's for {HOOK_CHECK_ROWS} rows of the first batch "
-                                                                 "(the hooks check); then projected module by module in the hooked pass")
+                self.hooks_check("then projected module by module in the hooked pass")
             else:
                 chunk = grads_chunk_size(self.P, self.B, self.budget)
                 self.gradients(chunk, f"projected {chunk} examples at a time (vmap)")
@@ -234,8 +238,7 @@ class CostParts(GraphParts):
                 self.backward_graph(train, test)
         else:
             if method is Method.TRACIN and norms and hooks_by_default(self.owner._dtype()):
-                self.gradients(2 * min(self.B, HOOK_CHECK_ROWS), f"hooks' and vmap's for {HOOK_CHECK_ROWS} rows of the first batch (the "
-                                                                 "hooks check); then hooks, where they apply, take norms without [B, P]")
+                self.hooks_check("then hooks, where they apply, take norms without [B, P]")
             else:
                 self.gradients(self.B, "formed")
             self.backward_graph(train, test)

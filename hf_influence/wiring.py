@@ -14,8 +14,8 @@ from ._utils.errors import InvalidInputError, TaskInferenceError
 from .config import InfluenceConfig
 from .cost import estimate
 from .cost_estimate import CostEstimate
-from .data import batch_size_of, dataset_of, length_sorted_batches, make_loader, select_rows, slice_batch, to_device
-from .engine.grads import HOOK_CHECK_ROWS, LossFunction, accumulation_dtype, eval_mode, per_example_grads
+from .data import dataset_of, length_sorted_batches, make_loader, select_rows, to_device
+from .engine.grads import LossFunction, accumulation_dtype, decide_hooks, eval_mode, per_example_grads
 from .engine.hooks import hook_plan
 from .engine.hvp import dataset_hvp
 from .engine.hvp_memory import largest_batch, saved_activation_bytes
@@ -151,15 +151,13 @@ class ModelWiring:
 
     def _norm_fn(self, loss_fn: LossFunction) -> FeatureFn:
         """TracIn self-influence features: each example's gradient norm as a ``[B, 1]`` column (its square is the score).
-        Once module hooks passed their first-use check (``per_example_grad_tensors``, on the first batch's first
-        ``HOOK_CHECK_ROWS`` rows, so no ``[B, P]`` is formed), the squared norms come from one hooked pass; the checking
-        batch takes that path too, so no row depends on batch order."""
-        params, grad_fn, checked = self._params(), self._grad_fn(loss_fn), []
+        Once module hooks passed their first-use check (``engine.grads.decide_hooks``, on a few rows of the first batch, so
+        no ``[B, P]`` is formed), the squared norms come from one hooked pass; the checking batch takes that path too, so no
+        row depends on batch order."""
+        params, grad_fn = self._params(), self._grad_fn(loss_fn)
 
         def norms(batch: Any) -> torch.Tensor:
-            if not checked and loss_fn.hooks_ok is None:  # decides hooks_ok on this model
-                grad_fn(slice_batch(batch, 0, min(batch_size_of(batch), HOOK_CHECK_ROWS)))
-            checked.append(True)
+            decide_hooks(loss_fn, params, batch)  # on this model's first batch
             plan = hook_plan(loss_fn, params) if loss_fn.hooks_ok else None
             if plan is None:
                 return grad_fn(batch).norm(dim=1, keepdim=True)

@@ -26,8 +26,7 @@ REPLAY_RTOL = 0.05  # the kept outputs scaled from two rows by the tokens: withi
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return utils.tiny_bert(layers=2, hidden=64).double().eval()
+    return utils.memory_bert()
 
 
 @pytest.fixture(scope="module")

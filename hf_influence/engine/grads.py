@@ -186,7 +186,7 @@ def per_example_grad_tensors(
     if mode == "hooks" or (mode == "auto" and hookable and loss_fn.hooks_ok is not False):
         plan = hook_plan(loss_fn, params)
         if mode == "auto" and plan is not None and loss_fn.hooks_ok is None and batch_size_of(batch) > HOOK_CHECK_ROWS:
-            per_example_grad_tensors(loss_fn, params, slice_batch(batch, 0, HOOK_CHECK_ROWS), chunk_size)  # decides hooks_ok
+            decide_hooks(loss_fn, params, batch, chunk_size)
             return per_example_grad_tensors(loss_fn, params, batch, chunk_size, mode)
         if plan is None and mode == "hooks":
             raise InvalidInputError("Per-example gradients by hooks need every selected parameter to be the weight or bias "
@@ -196,6 +196,15 @@ def per_example_grad_tensors(
             if grads is not None:
                 return grads
     return _traced_grads(loss_fn, params, batch, chunk_size, mode if mode in ("vmap", "loop") else "auto")
+
+
+def decide_hooks(loss_fn: LossFunction, params: Params, batch: Batch, chunk_size: int | None = None) -> None:
+    """Where ``"auto"`` would take module hooks and they are not checked yet on ``loss_fn``, run their first-use check
+    (:func:`per_example_grad_tensors` on the batch's first ``HOOK_CHECK_ROWS`` rows: hooks' and vmap's gradients of those
+    rows only), which sets ``loss_fn.hooks_ok``; so a caller can send the whole batch one way, never forming ``[B, P]`` twice."""
+    if (loss_fn.hooks_ok is None and hooks_by_default(next(iter(params.values())).dtype)
+            and hook_plan(loss_fn, params) is not None):
+        per_example_grad_tensors(loss_fn, params, slice_batch(batch, 0, min(batch_size_of(batch), HOOK_CHECK_ROWS)), chunk_size)
 
 
 def _checked_hook_grads(loss_fn: LossFunction, params: Params, batch: Batch, plan: dict, chunk_size: int | None,

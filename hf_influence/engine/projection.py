@@ -16,7 +16,7 @@ from torch.func import jvp, vmap
 from torch.nn import functional as F
 
 from ..data import Batch, batch_size_of, slice_batch
-from .grads import HOOK_CHECK_ROWS, LossFunction, Params, accumulation_dtype, per_example_grad_tensors
+from .grads import LossFunction, Params, accumulation_dtype, decide_hooks, per_example_grad_tensors
 from .hooks import _accumulate, _hooked_pass, hook_plan
 
 ProjectionMode = Literal["auto", "jvp", "grads"]
@@ -56,25 +56,17 @@ def project_in_slices(loss_fn: LossFunction, params: Params, batch: Batch, proje
                       project_hooked: Callable[[dict], torch.Tensor], chunk_size: int | None) -> torch.Tensor:
     """``[B, p̄]`` by ``project_hooked(plan)`` once hooks passed their first-use check on ``loss_fn``, else by
     ``project_grads`` on per-example gradients of at most ``chunk_size`` examples at a time (so at most
-    ``chunk_size × P`` gradient values are held). Where hooks apply and are not checked yet, the check runs first on
-    the batch's first ``HOOK_CHECK_ROWS`` rows (hooks' and vmap's gradients of those rows only, never ``[B, P]`` twice);
-    once it passes, the whole batch goes the hooks' way, as every later batch does, so a row's features do not depend
-    on which batch came first."""
-    if loss_fn.hooks_ok is None and hook_plan(loss_fn, params) is not None:
-        per_example_grad_tensors(loss_fn, params, slice_batch(batch, 0, min(batch_size_of(batch), HOOK_CHECK_ROWS)), chunk_size=chunk_size)
+    ``chunk_size × P`` gradient values are held). Where hooks apply and are not checked yet, their check runs first
+    (:func:`~hf_influence.engine.grads.decide_hooks`, on a few rows); once it passes, the whole batch goes the hooks' way,
+    as every later batch does, so a row's features do not depend on which batch came first."""
+    decide_hooks(loss_fn, params, batch, chunk_size)
     plan = hook_plan(loss_fn, params) if loss_fn.hooks_ok else None
-    if plan is None:
-        size, parts = batch_size_of(batch), []
-        step = chunk_size or size
-        for start in range(0, size, step):
-            grads = per_example_grad_tensors(loss_fn, params, slice_batch(batch, start, start + step), chunk_size=chunk_size)
-            plan = hook_plan(loss_fn, params) if loss_fn.hooks_ok else None
-            if plan is not None:
-                break
-            parts.append(project_grads(grads))
-        if plan is None:
-            return torch.cat(parts)
-    return project_hooked(plan)
+    if plan is not None:
+        return project_hooked(plan)
+    size = batch_size_of(batch)
+    step = chunk_size or size
+    return torch.cat([project_grads(per_example_grad_tensors(loss_fn, params, slice_batch(batch, start, start + step), chunk_size=chunk_size))
+                      for start in range(0, size, step)])
 
 
 def hook_projections(loss_fn: LossFunction, batch: Batch, plan: dict[nn.Module, dict[str, str]], directions: torch.Tensor,

@@ -30,8 +30,7 @@ def peak_allocated(fn) -> tuple[object, int]:
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return utils.tiny_bert(layers=2, hidden=64).double().eval()
+    return utils.memory_bert()
 
 
 def influence(model, budget_gb: float = 4.0) -> hfi.Influence:

@@ -22,8 +22,7 @@ RANK, ITERATIONS, BLOCK = 4, 24, 8
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return utils.tiny_bert(layers=2, hidden=64).double().eval()
+    return utils.memory_bert()
 
 
 @pytest.fixture(scope="module")
